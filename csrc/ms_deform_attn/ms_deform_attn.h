@@ -1,0 +1,58 @@
+// Multi-scale deformable attention (Deformable DETR), rankdetr's compiled op.
+//
+// Shapes (N batch, S = sum_l h_l * w_l keys, H heads, D channels per head, Lq queries,
+// L levels, P points per level):
+//   value               (N, S, H, D)
+//   spatial_shapes      (L, 2) int64, (h, w) per level
+//   level_start_index   (L,)   int64, offset of each level inside S
+//   sampling_locations  (N, Lq, H, L, P, 2) normalised (x, y) in [0, 1]
+//   attention_weights   (N, Lq, H, L, P)
+//   output              (N, Lq, H * D)
+// Sampling matches grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False).
+//
+// The operators are declared once (ms_deform_attn.cpp, TORCH_LIBRARY(rankdetr, ...)) and each
+// backend registers its kernels with TORCH_LIBRARY_IMPL, so torch.ops.rankdetr.* dispatches by
+// device. Autograd and the fake (meta) implementation are registered from Python
+// (rankdetr/layers/ms_deform_attn.py).
+#pragma once
+
+#include <torch/types.h>
+
+#include <tuple>
+
+namespace rankdetr {
+
+at::Tensor ms_deform_attn_forward_cpu(
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights);
+
+// Returns (grad_value, grad_sampling_locations, grad_attention_weights).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights,
+    const at::Tensor& grad_output);
+
+#ifdef WITH_CUDA
+at::Tensor ms_deform_attn_forward_cuda(
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights,
+    const at::Tensor& grad_output);
+#endif
+
+}  // namespace rankdetr
