@@ -6,6 +6,7 @@ GPU are present, or when ``FORCE_CUDA=1`` (e.g. to build for a GPU on a machine 
 the architectures with ``TORCH_CUDA_ARCH_LIST``, e.g. ``"9.0"`` for Hopper). torch must be installed
 before this runs: install with ``pip install --no-build-isolation -e .``.
 """
+
 import glob
 import os
 import shutil
@@ -28,9 +29,9 @@ def _guess_cuda_home():
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
     for folder in candidates:
-        if folder and os.path.isfile(os.path.join(folder, "include", "cuda_runtime.h")):
-            if os.path.isfile(os.path.join(folder, "bin", "nvcc")):
-                return folder
+        has_headers = folder and os.path.isfile(os.path.join(folder, "include", "cuda_runtime.h"))
+        if has_headers and os.path.isfile(os.path.join(folder, "bin", "nvcc")):
+            return folder
     return None
 
 
@@ -59,10 +60,7 @@ def get_extensions():
     cpp_sources = sorted(glob.glob(os.path.join(CSRC, "**", "*.cpp"), recursive=True))
     cuda_sources = sorted(glob.glob(os.path.join(CSRC, "**", "*.cu"), recursive=True))
     cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is chosen by torch
-    common = dict(
-        include_dirs=[CSRC],
-        extra_link_args=["-fopenmp"],
-    )
+    common = {"include_dirs": [CSRC], "extra_link_args": ["-fopenmp"]}
     if _build_cuda():
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         return [

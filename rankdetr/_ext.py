@@ -15,7 +15,7 @@ _MISSING_MESSAGE = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def extension_available() -> bool:
     """Return True when ``rankdetr._C`` imports; warn (once per process) when it does not."""
     import torch  # noqa: F401  (loads libc10/libtorch, which rankdetr._C links against)
@@ -28,7 +28,7 @@ def extension_available() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def extension_has_cuda() -> bool:
     """Return True when the extension was compiled with its CUDA kernels."""
     if not extension_available():

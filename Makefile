@@ -1,0 +1,25 @@
+# The README's commands. Each target first runs the (idempotent) set-up, so a fresh clone needs
+# nothing else: `make demo` trains and evaluates the demo model, `make test` runs the tests.
+PY := .venv/bin/python
+SRC := rankdetr tools tests configs setup.py
+
+.PHONY: setup demo test lint format
+
+setup:
+	@bash tools/setup_env.sh
+
+demo: setup
+	@$(PY) tools/check_env.py --demo-placeholder
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check $(SRC)
+	$(PY) -m black --check $(SRC)
+	$(PY) -m isort --check-only $(SRC)
+
+format: setup
+	$(PY) -m isort $(SRC)
+	$(PY) -m black $(SRC)
+	$(PY) -m ruff check --fix $(SRC)
