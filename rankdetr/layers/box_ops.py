@@ -1,0 +1,82 @@
+"""Box conversions and (generalised) IoU, for boxes as (x0, y0, x1, y1) unless named otherwise.
+
+Pairwise functions take (N, 4) and (M, 4) and return (N, M); elementwise ones take two (N, 4)
+and return (N,). Degenerate boxes (zero area) give IoU 0 rather than NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "box_cxcywh_to_xyxy",
+    "box_xyxy_to_cxcywh",
+    "box_area",
+    "pairwise_box_iou",
+    "pairwise_generalized_box_iou",
+    "elementwise_box_iou",
+    "elementwise_generalized_box_iou",
+]
+
+
+
+def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, with 0 / 0 = 0 (empty boxes) and no bias for tiny boxes."""
+    return numerator / denominator.clamp(min=torch.finfo(denominator.dtype).tiny)
+
+
+def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) (cx, cy, w, h) -> (..., 4) (x0, y0, x1, y1)."""
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) (x0, y0, x1, y1) -> (..., 4) (cx, cy, w, h)."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+
+
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) -> (...), negative extents count as zero."""
+    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(
+        min=0
+    )
+
+
+def _iou_and_union(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a, b broadcastable (..., 4) -> IoU (...), union (...)."""
+    top_left = torch.maximum(a[..., :2], b[..., :2])
+    bottom_right = torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
+    union = box_area(a) + box_area(b) - inter
+    return _safe_divide(inter, union), union
+
+
+def _generalized(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    iou, union = _iou_and_union(a, b)
+    hull = (torch.maximum(a[..., 2:], b[..., 2:]) - torch.minimum(a[..., :2], b[..., :2])).clamp(
+        min=0
+    )
+    hull_area = hull.prod(-1)
+    return iou - _safe_divide(hull_area - union, hull_area)
+
+
+def pairwise_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, 4), (M, 4) -> (N, M) IoU."""
+    return _iou_and_union(a[:, None], b[None])[0]
+
+
+def pairwise_generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, 4), (M, 4) -> (N, M) generalised IoU in [-1, 1]."""
+    return _generalized(a[:, None], b[None])
+
+
+def elementwise_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, 4), (N, 4) -> (N,) IoU of each pair."""
+    return _iou_and_union(a, b)[0]
+
+
+def elementwise_generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, 4), (N, 4) -> (N,) generalised IoU of each pair."""
+    return _generalized(a, b)

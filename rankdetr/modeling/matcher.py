@@ -1,0 +1,142 @@
+"""Hungarian matching of predictions to ground truth, with Rank-DETR's high-order cost (HMC).
+
+Before the switch the cost is Deformable DETR's weighted sum (Eq. 5):
+    cost_class * focal_cost + cost_bbox * L1(cxcywh) + cost_giou * (-GIoU).
+After it, the high-order cost of Eq. 8:
+    -(p[c] * IoU^power)        (quality="iou", the paper's choice, power 4), or
+    -(p[c] * ((GIoU + 1) / 2)^power)   (quality="giou", Table 5b).
+The switch is a function of training progress only (`set_training_progress`), so every DDP rank
+that sees the same iteration makes the same choice, and nothing outside reaches into the matcher.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from rankdetr.layers.box_ops import (
+    box_cxcywh_to_xyxy,
+    pairwise_box_iou,
+    pairwise_generalized_box_iou,
+)
+
+__all__ = ["HungarianMatcher"]
+
+# Costs stand in for NaN/inf so that the assignment still runs; the loss then reports the problem.
+_LARGE_COST = 1e8
+
+
+class HungarianMatcher:
+    """One-to-one assignment of queries to target boxes, per image."""
+
+    def __init__(
+        self,
+        *,
+        cost_class: float = 2.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        high_order_start: float | None = None,
+        high_order_power: float = 4.0,
+        high_order_quality: str = "iou",
+    ):
+        """
+        Args:
+            cost_class, cost_bbox, cost_giou: weights of the standard cost (Eq. 5).
+            focal_alpha, focal_gamma: of the focal classification cost.
+            high_order_start: fraction of training (0..1) from which the high-order cost (HMC,
+                Eq. 8) replaces the standard one; None never switches.
+            high_order_power: the exponent alpha of Eq. 8.
+            high_order_quality: "iou" (Eq. 8) or "giou" for ((GIoU + 1) / 2), Table 5b.
+        """
+        if high_order_quality not in ("iou", "giou"):
+            raise ValueError(
+                f"high_order_quality must be 'iou' or 'giou', got {high_order_quality!r}"
+            )
+        if high_order_start is not None and not 0.0 <= high_order_start <= 1.0:
+            raise ValueError(f"high_order_start must be in [0, 1] or None, got {high_order_start}")
+        self.cost_class = cost_class
+        self.cost_bbox = cost_bbox
+        self.cost_giou = cost_giou
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.high_order_start = high_order_start
+        self.high_order_power = high_order_power
+        self.high_order_quality = high_order_quality
+        self.use_high_order = high_order_start == 0.0
+
+    def set_training_progress(self, progress: float) -> None:
+        """Use the high-order cost once `progress` (iteration / max_iter) reaches its start."""
+        self.use_high_order = (
+            self.high_order_start is not None and progress >= self.high_order_start
+        )
+
+    def standard_cost(
+        self, prob: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, gt_boxes: torch.Tensor
+    ) -> torch.Tensor:
+        """Eq. 5. prob (Q, K) sigmoid scores, boxes (Q, 4) cxcywh, labels (T,), gt_boxes (T, 4)
+        cxcywh -> (Q, T)."""
+        alpha, gamma = self.focal_alpha, self.focal_gamma
+        p = prob[:, labels]
+        positive_cost = alpha * (1 - p).pow(gamma) * -(p + 1e-8).log()
+        negative_cost = (1 - alpha) * p.pow(gamma) * -(1 - p + 1e-8).log()
+        class_cost = positive_cost - negative_cost
+        l1_cost = torch.cdist(boxes, gt_boxes, p=1)
+        giou = pairwise_generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(gt_boxes))
+        return self.cost_class * class_cost + self.cost_bbox * l1_cost - self.cost_giou * giou
+
+    def high_order_cost(
+        self, prob: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, gt_boxes: torch.Tensor
+    ) -> torch.Tensor:
+        """Eq. 8, -(p[c] * quality^power); arguments as :meth:`standard_cost`."""
+        pred_xyxy, gt_xyxy = box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(gt_boxes)
+        if self.high_order_quality == "iou":
+            quality = pairwise_box_iou(pred_xyxy, gt_xyxy)
+        else:
+            quality = (pairwise_generalized_box_iou(pred_xyxy, gt_xyxy) + 1) / 2
+        return -(prob[:, labels] * quality.pow(self.high_order_power))
+
+    def cost_matrix(
+        self,
+        logits: torch.Tensor,
+        boxes: torch.Tensor,
+        labels: torch.Tensor,
+        gt_boxes: torch.Tensor,
+    ) -> torch.Tensor:
+        """The cost now in use. logits (Q, K), boxes (Q, 4) cxcywh, labels (T,), gt_boxes (T, 4)
+        cxcywh -> (Q, T), in float32 even under autocast."""
+        prob = logits.float().sigmoid()
+        boxes, gt_boxes = boxes.float(), gt_boxes.float()
+        if self.use_high_order:
+            return self.high_order_cost(prob, boxes, labels, gt_boxes)
+        return self.standard_cost(prob, boxes, labels, gt_boxes)
+
+    @torch.no_grad()
+    def __call__(
+        self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, targets: list[dict]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """
+        Args:
+            pred_logits: (B, Q, K) classification logits.
+            pred_boxes: (B, Q, 4) normalised (cx, cy, w, h).
+            targets: B dicts with "labels" (T_b,) int64 and "boxes" (T_b, 4) normalised cxcywh.
+
+        Returns:
+            B pairs (query_indices, target_indices), int64 on the CPU, each of length
+            min(Q, T_b): query query_indices[i] is matched to target target_indices[i].
+        """
+        matches = []
+        for logits, boxes, target in zip(pred_logits, pred_boxes, targets):
+            if len(target["labels"]) == 0:
+                empty = torch.empty(0, dtype=torch.int64)
+                matches.append((empty, empty))
+                continue
+            cost = self.cost_matrix(logits, boxes, target["labels"], target["boxes"])
+            cost = torch.nan_to_num(cost, nan=_LARGE_COST, posinf=_LARGE_COST, neginf=-_LARGE_COST)
+            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            matches.append(
+                (torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(cols.astype(np.int64)))
+            )
+        return matches

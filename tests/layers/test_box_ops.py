@@ -1,0 +1,47 @@
+"""Box conversions and IoU against plain-Python float64 formulas."""
+
+import torch
+
+from rankdetr.layers import box_ops
+from tests import reference_math as ref
+
+
+def random_boxes(n, generator):
+    centres = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+    sizes = torch.rand(n, 2, generator=generator, dtype=torch.float64) * 0.5
+    return torch.cat([centres, sizes], dim=1)
+
+
+def test_conversions_round_trip_and_match_the_definition():
+    g = torch.Generator().manual_seed(0)
+    boxes = random_boxes(20, g)
+    xyxy = box_ops.box_cxcywh_to_xyxy(boxes)
+    for b, converted in zip(boxes.tolist(), xyxy.tolist()):
+        assert converted == torch.tensor(ref.xyxy(b), dtype=torch.float64).tolist()
+    torch.testing.assert_close(box_ops.box_xyxy_to_cxcywh(xyxy), boxes)
+
+
+def test_pairwise_and_elementwise_iou_and_giou():
+    g = torch.Generator().manual_seed(1)
+    a = box_ops.box_cxcywh_to_xyxy(random_boxes(7, g))
+    b = box_ops.box_cxcywh_to_xyxy(random_boxes(5, g))
+    b[0] = a[0]  # identical pair: IoU = GIoU = 1
+    b[1] = torch.tensor([2.0, 2.0, 3.0, 3.0], dtype=torch.float64)  # far away: IoU 0, GIoU < 0
+    iou = box_ops.pairwise_box_iou(a, b)
+    giou = box_ops.pairwise_generalized_box_iou(a, b)
+    for i, box_a in enumerate(a.tolist()):
+        for j, box_b in enumerate(b.tolist()):
+            assert abs(iou[i, j].item() - ref.iou(box_a, box_b)) < 1e-6
+            assert abs(giou[i, j].item() - ref.giou(box_a, box_b)) < 1e-6
+    assert abs(iou[0, 0].item() - 1) < 1e-6 and abs(giou[0, 0].item() - 1) < 1e-6
+    assert (iou[:, 1] == 0).all() and (giou[:, 1] < 0).all()
+    torch.testing.assert_close(box_ops.elementwise_box_iou(a[:5], b), iou[:5].diagonal())
+    torch.testing.assert_close(
+        box_ops.elementwise_generalized_box_iou(a[:5], b), giou[:5].diagonal()
+    )
+
+
+def test_degenerate_boxes_give_finite_values():
+    point = torch.tensor([[0.5, 0.5, 0.5, 0.5]])
+    assert torch.isfinite(box_ops.pairwise_box_iou(point, point)).all()
+    assert torch.isfinite(box_ops.pairwise_generalized_box_iou(point, point)).all()

@@ -1,0 +1,148 @@
+"""HungarianMatcher: optimal assignments (brute force over permutations) for both costs."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from rankdetr.modeling.matcher import HungarianMatcher
+from tests import reference_math as ref
+
+
+def standard_cost(logit, box, label, gt_box, alpha=0.25, gamma=2.0):
+    p = ref.sigmoid(logit[label])
+    focal = alpha * (1 - p) ** gamma * -math.log(p + 1e-8) - (1 - alpha) * p**gamma * -math.log(
+        1 - p + 1e-8
+    )
+    l1 = sum(abs(a - b) for a, b in zip(box, gt_box))
+    return 2 * focal + 5 * l1 - 2 * ref.giou(ref.xyxy(box), ref.xyxy(gt_box))
+
+
+def high_order_cost(logit, box, label, gt_box, power=4.0, quality="iou"):
+    p = ref.sigmoid(logit[label])
+    a, b = ref.xyxy(box), ref.xyxy(gt_box)
+    q = ref.iou(a, b) if quality == "iou" else (ref.giou(a, b) + 1) / 2
+    return -(p * q**power)
+
+
+def brute_force_min_cost(cost, num_queries, num_targets):
+    """Smallest total cost over all injective maps between the smaller and the larger side."""
+    best = math.inf
+    if num_targets <= num_queries:
+        for queries in itertools.permutations(range(num_queries), num_targets):
+            best = min(best, sum(cost(q, t) for t, q in enumerate(queries)))
+    else:
+        for targets in itertools.permutations(range(num_targets), num_queries):
+            best = min(best, sum(cost(q, t) for q, t in enumerate(targets)))
+    return best
+
+
+def random_case(seed, queries, targets, classes=3, duplicate=False):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(1, queries, classes, generator=g, dtype=torch.float64) * 2
+    centres = torch.rand(1, queries, 2, generator=g, dtype=torch.float64) * 0.6 + 0.2
+    sizes = torch.rand(1, queries, 2, generator=g, dtype=torch.float64) * 0.3 + 0.05
+    boxes = torch.cat([centres, sizes], -1)
+    gt = torch.cat(
+        [
+            torch.rand(targets, 2, generator=g, dtype=torch.float64) * 0.6 + 0.2,
+            torch.rand(targets, 2, generator=g, dtype=torch.float64) * 0.3 + 0.05,
+        ],
+        -1,
+    )
+    labels = torch.randint(classes, (targets,), generator=g)
+    if duplicate and targets >= 2:
+        gt[1], labels[1] = gt[0], labels[0]
+    return logits, boxes, {"labels": labels, "boxes": gt}
+
+
+CASES = [(5, 3, False), (4, 4, False), (3, 5, False), (5, 3, True), (4, 1, False)]
+
+
+@pytest.mark.parametrize("high_order", [False, True], ids=["standard", "high_order"])
+@pytest.mark.parametrize("queries,targets,duplicate", CASES)
+def test_assignment_is_optimal(queries, targets, duplicate, high_order):
+    for seed in range(3):
+        logits, boxes, target = random_case(seed, queries, targets, duplicate=duplicate)
+        matcher = HungarianMatcher(high_order_start=0.5)
+        matcher.set_training_progress(0.75 if high_order else 0.25)
+        assert matcher.use_high_order == high_order
+        rows, cols = matcher(logits, boxes, [target])[0]
+        assert len(rows) == min(queries, targets)
+        assert len(set(rows.tolist())) == len(rows) and len(set(cols.tolist())) == len(cols)
+
+        def cost(q, t, logits=logits, boxes=boxes, target=target):
+            args = (logits[0, q].tolist(), boxes[0, q].tolist())
+            gt = (int(target["labels"][t]), target["boxes"][t].tolist())
+            return high_order_cost(*args, *gt) if high_order else standard_cost(*args, *gt)
+
+        found = sum(cost(q, t) for q, t in zip(rows.tolist(), cols.tolist()))
+        assert found == pytest.approx(brute_force_min_cost(cost, queries, targets), abs=1e-6)
+
+
+def test_high_order_cost_matches_eq8_for_both_qualities():
+    logits, boxes, target = random_case(0, 4, 3)
+    for quality in ("iou", "giou"):
+        matcher = HungarianMatcher(
+            high_order_start=0.0, high_order_quality=quality, high_order_power=3
+        )
+        cost = matcher.cost_matrix(logits[0], boxes[0], target["labels"], target["boxes"])
+        for q in range(4):
+            for t in range(3):
+                expected = high_order_cost(
+                    logits[0, q].tolist(),
+                    boxes[0, q].tolist(),
+                    int(target["labels"][t]),
+                    target["boxes"][t].tolist(),
+                    power=3,
+                    quality=quality,
+                )
+                assert cost[q, t].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_switch_follows_training_progress_only():
+    matcher = HungarianMatcher(high_order_start=0.75)
+    assert not matcher.use_high_order
+    matcher.set_training_progress(0.7499)
+    assert not matcher.use_high_order
+    matcher.set_training_progress(0.75)
+    assert matcher.use_high_order
+    matcher.set_training_progress(0.1)  # e.g. a resumed run restarting from an earlier point
+    assert not matcher.use_high_order
+    never = HungarianMatcher(high_order_start=None)
+    never.set_training_progress(1.0)
+    assert not never.use_high_order
+
+
+def test_zero_targets_and_non_finite_predictions():
+    logits, boxes, _ = random_case(0, 4, 1)
+    empty = {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}
+    rows, cols = HungarianMatcher()(logits, boxes, [empty])[0]
+    assert rows.numel() == 0 and cols.numel() == 0
+    _, _, target = random_case(1, 4, 2)
+    logits[0, 0, 0] = float("nan")
+    boxes[0, 1] = float("inf")
+    rows, cols = HungarianMatcher()(logits, boxes, [target])[0]
+    assert len(rows) == 2
+
+
+def test_invalid_options_are_named():
+    with pytest.raises(ValueError, match="high_order_quality"):
+        HungarianMatcher(high_order_quality="l1")
+    with pytest.raises(ValueError, match="high_order_start"):
+        HungarianMatcher(high_order_start=75000)
+
+
+def test_standard_cost_matches_eq5():
+    logits, boxes, target = random_case(2, 4, 3)
+    cost = HungarianMatcher().cost_matrix(logits[0], boxes[0], target["labels"], target["boxes"])
+    for q in range(4):
+        for t in range(3):
+            expected = standard_cost(
+                logits[0, q].tolist(),
+                boxes[0, q].tolist(),
+                int(target["labels"][t]),
+                target["boxes"][t].tolist(),
+            )
+            assert cost[q, t].item() == pytest.approx(expected, abs=1e-5)
