@@ -1,0 +1,77 @@
+"""Sine position embeddings: of feature-map pixels (encoder) and of boxes (query positions)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["PositionEmbeddingSine", "sine_embedding_of_boxes"]
+
+
+class PositionEmbeddingSine(nn.Module):
+    """DETR's sine embedding of pixel positions, counted over the unpadded part of each image.
+
+    For channel pair i, position x gets (sin(x / T^(2i/F)), cos(x / T^(2i/F))); with `normalize`,
+    positions are ((index + 1) + offset) / (valid extent + eps) * scale.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_pos_feats: int = 128,
+        temperature: float = 10000.0,
+        normalize: bool = True,
+        scale: float = 2 * math.pi,
+        offset: float = -0.5,
+        eps: float = 1e-6,
+    ):
+        """
+        Args:
+            num_pos_feats: channels F per axis; the embedding has 2 * F channels (y then x).
+            temperature: T, the base of the wavelengths.
+            normalize: scale positions to [0, scale] by the valid height / width.
+            scale, offset, eps: of the normalisation (offset -0.5 centres on pixel centres).
+        """
+        super().__init__()
+        self.num_pos_feats = num_pos_feats
+        self.temperature = temperature
+        self.normalize = normalize
+        self.scale = scale
+        self.offset = offset
+        self.eps = eps
+
+    def forward(self, padding_mask: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) bool, True at padding -> (B, 2 * F, H, W) float32."""
+        valid = (~padding_mask).to(torch.float32)
+        y = valid.cumsum(1)
+        x = valid.cumsum(2)
+        if self.normalize:
+            y = (y + self.offset) / (y[:, -1:, :] + self.eps) * self.scale
+            x = (x + self.offset) / (x[:, :, -1:] + self.eps) * self.scale
+        pos_y = _interleaved_sin_cos(y, self.num_pos_feats, self.temperature)
+        pos_x = _interleaved_sin_cos(x, self.num_pos_feats, self.temperature)
+        return torch.cat([pos_y, pos_x], dim=-1).permute(0, 3, 1, 2)
+
+
+def _interleaved_sin_cos(
+    positions: torch.Tensor, channels: int, temperature: float
+) -> torch.Tensor:
+    """(...) -> (..., channels): sin at even channels, cos at odd, wavelength per pair."""
+    pair = torch.arange(channels, dtype=torch.float32, device=positions.device) // 2
+    wavelengths = temperature ** (2 * pair / channels)
+    angles = positions[..., None] / wavelengths
+    return torch.stack([angles[..., 0::2].sin(), angles[..., 1::2].cos()], dim=-1).flatten(-2)
+
+
+def sine_embedding_of_boxes(
+    boxes: torch.Tensor, num_pos_feats: int = 128, temperature: float = 10000.0
+) -> torch.Tensor:
+    """(..., 4) normalised (cx, cy, w, h) -> (..., 4 * F): each coordinate * 2 pi, sine-embedded.
+
+    This is the two-stage proposal embedding of Deformable DETR (its input to `pos_trans`).
+    """
+    scaled = boxes.float() * (2 * math.pi)
+    parts = [_interleaved_sin_cos(scaled[..., i], num_pos_feats, temperature) for i in range(4)]
+    return torch.cat(parts, dim=-1)
