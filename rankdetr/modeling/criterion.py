@@ -1,0 +1,193 @@
+"""The training losses: classification (focal / GCL / varifocal), L1 and GIoU box losses, on the
+last decoder layer, every auxiliary layer and the encoder proposals, for one-to-one queries and,
+with hybrid matching, for one-to-many queries against k-fold repeated targets.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rankdetr.layers.box_ops import (
+    box_cxcywh_to_xyxy,
+    elementwise_box_iou,
+    elementwise_generalized_box_iou,
+)
+from rankdetr.modeling.losses import giou_aware_focal_loss, sigmoid_focal_loss, varifocal_loss
+from rankdetr.modeling.matcher import HungarianMatcher
+
+__all__ = ["SetCriterion", "repeat_targets"]
+
+CLASSIFICATION_LOSSES = ("focal", "gcl", "varifocal")
+QUALITY_TARGETS = ("giou", "iou")
+
+
+def repeat_targets(targets: list[dict], times: int) -> list[dict]:
+    """Each image's targets repeated `times` times (H-DETR's one-to-many branch)."""
+    return [
+        {"labels": t["labels"].repeat(times), "boxes": t["boxes"].repeat(times, 1)} for t in targets
+    ]
+
+
+class SetCriterion(nn.Module):
+    """Matches predictions to targets and returns the weighted losses of every output."""
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        weight_class: float = 2.0,
+        weight_bbox: float = 5.0,
+        weight_giou: float = 2.0,
+        weight_one2many: float = 1.0,
+        classification_loss: str = "gcl",
+        quality_target: str = "giou",
+        quality_power: float = 1.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ):
+        """
+        Args:
+            num_classes: K.
+            matcher: assigns predictions to targets (its cost may switch to HMC during training).
+            weight_class, weight_bbox, weight_giou: loss weights (2, 5, 2).
+            weight_one2many: lambda of the one-to-many branch.
+            classification_loss: "focal", "gcl" (Eq. 6, decoder outputs) or "varifocal" (Eq. 7).
+                Encoder proposals always use the focal loss.
+            quality_target: GCL / varifocal target t: "giou" ((GIoU + 1) / 2) or "iou" (IoU),
+                raised to `quality_power` (Table 5a).
+            focal_alpha, focal_gamma: of the focal and GCL losses.
+        """
+        super().__init__()
+        if classification_loss not in CLASSIFICATION_LOSSES:
+            raise ValueError(f"classification_loss must be one of {CLASSIFICATION_LOSSES}")
+        if quality_target not in QUALITY_TARGETS:
+            raise ValueError(f"quality_target must be one of {QUALITY_TARGETS}")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weights = {"class": weight_class, "bbox": weight_bbox, "giou": weight_giou}
+        self.weight_one2many = weight_one2many
+        self.classification_loss = classification_loss
+        self.quality_target = quality_target
+        self.quality_power = quality_power
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    def set_training_progress(self, progress: float) -> None:
+        """Forwarded to the matcher (the HMC switch)."""
+        self.matcher.set_training_progress(progress)
+
+    def forward(
+        self,
+        outputs: dict,
+        targets: list[dict],
+        outputs_one2many: dict | None = None,
+        one2many_repeats: int = 6,
+    ) -> dict[str, torch.Tensor]:
+        """
+        Args:
+            outputs: one-to-one predictions, "logits" and "boxes": lists over decoder layers of
+                (N, Q, K) and (N, Q, 4) normalised cxcywh; optionally "enc_logits" (N, S, K) and
+                "enc_boxes" (N, S, 4) for the encoder proposals.
+            targets: N dicts with "labels" (T,) int64 and "boxes" (T, 4) normalised cxcywh.
+            outputs_one2many: the one-to-many predictions ("logits", "boxes" lists), or None.
+            one2many_repeats: k, how often targets repeat for the one-to-many branch.
+
+        Returns:
+            Weighted losses: "loss_class", "loss_bbox", "loss_giou" for the last layer, with
+            suffix "_{i}" for auxiliary layer i, "_enc" for the proposals, and prefix "o2m_"
+            for the one-to-many branch.
+        """
+        num_boxes = _average_box_count(targets, outputs["logits"][-1].device)
+        losses = self._decoder_losses(outputs, targets, num_boxes, prefix="")
+        if "enc_logits" in outputs:
+            # Proposals are class-agnostic: every target counts as class 0 (objectness).
+            objectness = [
+                {"labels": torch.zeros_like(t["labels"]), "boxes": t["boxes"]} for t in targets
+            ]
+            enc = self._output_losses(
+                outputs["enc_logits"], outputs["enc_boxes"], objectness, num_boxes, "focal"
+            )
+            losses.update({f"{name}_enc": value for name, value in enc.items()})
+        if outputs_one2many is not None:
+            repeated = repeat_targets(targets, one2many_repeats)
+            one2many = self._decoder_losses(
+                outputs_one2many, repeated, num_boxes * one2many_repeats, prefix="o2m_"
+            )
+            losses.update({k: v * self.weight_one2many for k, v in one2many.items()})
+        return losses
+
+    def _decoder_losses(
+        self, outputs: dict, targets: list[dict], num_boxes: float, prefix: str
+    ) -> dict[str, torch.Tensor]:
+        losses = {}
+        last = len(outputs["logits"]) - 1
+        for layer, (logits, boxes) in enumerate(zip(outputs["logits"], outputs["boxes"])):
+            suffix = "" if layer == last else f"_{layer}"
+            layer_losses = self._output_losses(
+                logits, boxes, targets, num_boxes, self.classification_loss
+            )
+            losses.update({f"{prefix}{name}{suffix}": v for name, v in layer_losses.items()})
+        return losses
+
+    def _output_losses(
+        self,
+        logits: torch.Tensor,
+        boxes: torch.Tensor,
+        targets: list[dict],
+        num_boxes: float,
+        loss_kind: str,
+    ) -> dict[str, torch.Tensor]:
+        """Losses of one set of predictions, logits (N, Q, K) and boxes (N, Q, 4)."""
+        matches = self.matcher(logits.detach(), boxes.detach(), targets)
+        batch_index = torch.cat([torch.full_like(q, n) for n, (q, _) in enumerate(matches)])
+        query_index = torch.cat([q for q, _ in matches])
+        batch_index, query_index = batch_index.to(logits.device), query_index.to(logits.device)
+        matched_boxes = boxes[batch_index, query_index]
+        target_boxes = torch.cat([t["boxes"][g] for t, (_, g) in zip(targets, matches)]).to(boxes)
+        labels = torch.cat([t["labels"][g] for t, (_, g) in zip(targets, matches)])
+
+        pred_xyxy, gt_xyxy = box_cxcywh_to_xyxy(matched_boxes), box_cxcywh_to_xyxy(target_boxes)
+        giou = elementwise_generalized_box_iou(pred_xyxy, gt_xyxy)
+        positive = torch.zeros_like(logits, dtype=torch.bool)
+        positive[batch_index, query_index, labels.to(logits.device)] = True
+        if loss_kind == "focal":
+            classification = sigmoid_focal_loss(
+                logits, positive.to(logits.dtype), self.focal_alpha, self.focal_gamma
+            )
+        else:
+            quality = torch.zeros_like(logits)
+            quality[batch_index, query_index] = self._quality(giou, pred_xyxy, gt_xyxy)[:, None]
+            classification = self._quality_aware_loss(logits, positive, quality, loss_kind)
+        l1 = (matched_boxes - target_boxes).abs().sum()
+        return {
+            "loss_class": self.weights["class"] * classification.sum() / num_boxes,
+            "loss_bbox": self.weights["bbox"] * l1 / num_boxes,
+            "loss_giou": self.weights["giou"] * (1 - giou).sum() / num_boxes,
+        }
+
+    def _quality(self, giou, pred_xyxy, gt_xyxy) -> torch.Tensor:
+        """(M,) detached target t of the matched pairs: ((GIoU + 1) / 2)^k or IoU^k."""
+        if self.quality_target == "giou":
+            t = (giou.detach() + 1) / 2
+        else:
+            t = elementwise_box_iou(pred_xyxy.detach(), gt_xyxy)
+        return t.clamp(0, 1).pow(self.quality_power)
+
+    def _quality_aware_loss(self, logits, positive, quality, loss_kind) -> torch.Tensor:
+        if loss_kind == "gcl":
+            return giou_aware_focal_loss(
+                logits, positive, quality, self.focal_alpha, self.focal_gamma
+            )
+        return varifocal_loss(logits, positive, quality, gamma=self.focal_gamma)
+
+
+def _average_box_count(targets: list[dict], device: torch.device) -> float:
+    """Target boxes per process, averaged over processes (at least 1): the loss normaliser."""
+    count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return max(count.item(), 1.0)

@@ -1,0 +1,228 @@
+"""The rank-oriented decoder: H-DETR's decoder with query rank layers (QRL) and rank-adaptive
+classification heads (RCH).
+
+Per layer l (0-based here; the paper counts from 1):
+  * before layers 1..L-1, when RCH or QRL is on, queries are sorted within each group (one-to-one,
+    one-to-many) by the previous layer's best class score, descending; content queries,
+    positional queries and reference boxes move together (Eq. 3);
+  * with QRL, the sorted content queries are fused with a learned per-rank embedding C^l:
+    q = Linear_fuse([q ; Linear(C^l)]) (Eq. 2);
+  * the layer runs (grouped self-attention, deformable cross-attention, FFN);
+  * the box head refines the reference boxes (iterative refinement, look-forward-twice);
+  * the class head gives logits, plus a learned per-rank bias s^l with RCH (Eq. 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from rankdetr.layers.mlp import MLP, inverse_sigmoid
+from rankdetr.modeling.decoder_layer import DeformableDecoderLayer
+
+__all__ = ["RankDecoder", "sort_within_groups"]
+
+
+def sort_within_groups(scores: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
+    """Indices that sort each group of consecutive queries by score, descending.
+
+    Args:
+        scores: (N, Q) ranking scores.
+        group_sizes: sizes summing to Q.
+
+    Returns:
+        (N, Q) int64 indices into Q; each group's indices stay inside the group.
+    """
+    orders, start = [], 0
+    for size in group_sizes:
+        group_order = scores[:, start : start + size].argsort(dim=1, descending=True, stable=True)
+        orders.append(group_order + start)
+        start += size
+    return torch.cat(orders, dim=1)
+
+
+def _gather_queries(tensor: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """tensor (N, Q, ...) reordered along Q by order (N, Q)."""
+    index = order.view(*order.shape, *([1] * (tensor.dim() - 2))).expand_as(tensor)
+    return tensor.gather(1, index)
+
+
+class RankDecoder(nn.Module):
+    """Decoder layers plus their per-layer class and box heads and the rank-oriented parts."""
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        max_queries: int,
+        num_layers: int = 6,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        num_levels: int = 4,
+        num_points: int = 4,
+        ffn_dim: int = 2048,
+        dropout: float = 0.0,
+        rank_adaptive_head: bool = True,
+        query_rank_layer: bool = True,
+        look_forward_twice: bool = True,
+    ):
+        """
+        Args:
+            num_classes: K, classes of the class heads.
+            max_queries: rows of the per-rank tables (RCH biases, QRL embeddings): all queries
+                of all groups in training (e.g. 300 + 1500).
+            num_layers .. dropout: sizes of the decoder layers.
+            rank_adaptive_head: RCH, Eq. 1.
+            query_rank_layer: QRL, Eq. 2-3.
+            look_forward_twice: box losses also reach the previous layer's refinement.
+        """
+        super().__init__()
+        self.num_layers = num_layers
+        self.look_forward_twice = look_forward_twice
+        self.layers = nn.ModuleList(
+            DeformableDecoderLayer(
+                embed_dim=embed_dim,
+                num_heads=num_heads,
+                num_levels=num_levels,
+                num_points=num_points,
+                ffn_dim=ffn_dim,
+                dropout=dropout,
+            )
+            for _ in range(num_layers)
+        )
+        self.class_heads = nn.ModuleList(
+            nn.Linear(embed_dim, num_classes) for _ in range(num_layers)
+        )
+        self.box_heads = nn.ModuleList(MLP(embed_dim, embed_dim, 4, 3) for _ in range(num_layers))
+        self.rank_class_bias = None
+        if rank_adaptive_head:
+            self.rank_class_bias = nn.ModuleList(
+                nn.Embedding(max_queries, num_classes) for _ in range(num_layers)
+            )
+        self.rank_content_query = self.rank_query_proj = self.rank_query_fuse = None
+        if query_rank_layer:
+            self.rank_content_query = nn.ModuleList(
+                nn.Embedding(max_queries, embed_dim) for _ in range(num_layers - 1)
+            )
+            self.rank_query_proj = nn.ModuleList(
+                nn.Linear(embed_dim, embed_dim) for _ in range(num_layers - 1)
+            )
+            self.rank_query_fuse = nn.ModuleList(
+                nn.Linear(2 * embed_dim, embed_dim) for _ in range(num_layers - 1)
+            )
+        self.reset_parameters()
+
+    @property
+    def sorts_queries(self) -> bool:
+        """Queries are sorted whenever a per-rank parameter exists (RCH and/or QRL)."""
+        return self.rank_class_bias is not None or self.rank_content_query is not None
+
+    def reset_parameters(self) -> None:
+        prior_logit = -math.log((1 - 0.01) / 0.01)  # initial scores of 0.01 (focal-loss prior)
+        for head in self.class_heads:
+            nn.init.constant_(head.bias, prior_logit)
+        for head in self.box_heads:
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+        # Rank-aware parameters start at zero: at initialisation the model is plain H-DETR.
+        for tables in (self.rank_class_bias, self.rank_content_query):
+            for table in tables or []:
+                nn.init.zeros_(table.weight)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        query_pos: torch.Tensor,
+        reference_boxes: torch.Tensor,
+        memory: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        valid_ratios: torch.Tensor,
+        memory_padding_mask: torch.Tensor | None,
+        group_sizes: list[int],
+    ) -> dict[str, list[torch.Tensor]]:
+        """
+        Args:
+            query: (N, Q, C) initial content queries.
+            query_pos: (N, Q, C) positional queries.
+            reference_boxes: (N, Q, 4) initial normalised (cx, cy, w, h), detached.
+            memory: (N, S, C) encoder output.
+            spatial_shapes: (L, 2) int64; level_start_index: (L,) int64.
+            valid_ratios: (N, L, 2) unpadded fraction (w, h) of each level.
+            memory_padding_mask: (N, S) bool or None.
+            group_sizes: the query groups (e.g. [300, 1500] in training, [300] at inference);
+                they neither attend to each other nor mix when sorted.
+
+        Returns:
+            dict with, per layer (lists of num_layers tensors):
+              "logits": (N, Q, K) class logits (RCH bias included),
+              "boxes": (N, Q, 4) normalised (cx, cy, w, h) predictions,
+              "order": (N, Q) int64, for each query slot of that layer, the index of the initial
+                query it descends from (identity when queries are not sorted).
+        """
+        n, num_queries, _ = query.shape
+        if sum(group_sizes) != num_queries:
+            raise ValueError(f"group_sizes {group_sizes} do not sum to the {num_queries} queries")
+        ratio_boxes = torch.cat([valid_ratios, valid_ratios], dim=-1)[:, None]  # (N, 1, L, 4)
+        boxes = reference_boxes  # detached input of the current layer
+        previous_boxes = reference_boxes  # undetached, for look-forward-twice
+        order = torch.arange(num_queries, device=query.device).expand(n, num_queries)
+        outputs = {"logits": [], "boxes": [], "order": []}
+        for layer_index, layer in enumerate(self.layers):
+            if layer_index > 0 and self.sorts_queries:
+                ranking = sort_within_groups(outputs["logits"][-1].detach().amax(-1), group_sizes)
+                query, query_pos, boxes, previous_boxes, order = (
+                    _gather_queries(t, ranking)
+                    for t in (query, query_pos, boxes, previous_boxes, order)
+                )
+                query = self._fuse_rank_content(query, layer_index, group_sizes)
+            query = layer(
+                query,
+                query_pos,
+                boxes[:, :, None] * ratio_boxes,
+                memory,
+                spatial_shapes,
+                level_start_index,
+                memory_padding_mask,
+                group_sizes,
+            )
+            delta = self.box_heads[layer_index](query)
+            refined = (delta + inverse_sigmoid(boxes)).sigmoid()
+            if self.look_forward_twice:
+                predicted = (delta + inverse_sigmoid(previous_boxes)).sigmoid()
+            else:
+                predicted = refined
+            outputs["boxes"].append(predicted)
+            outputs["logits"].append(self._classify(query, layer_index, group_sizes))
+            outputs["order"].append(order)
+            previous_boxes, boxes = refined, refined.detach()
+        return outputs
+
+    def _rank_rows(self, group_sizes: list[int], device: torch.device) -> torch.Tensor:
+        """Row of the per-rank tables for each query slot: ranks restart in every group, and
+        group g uses its own block of rows (so one-to-one ranks share rows with inference)."""
+        rows, offset = [], 0
+        for size in group_sizes:
+            rows.append(torch.arange(offset, offset + size, device=device))
+            offset += size
+        return torch.cat(rows)
+
+    def _classify(self, query: torch.Tensor, layer_index: int, group_sizes: list[int]):
+        """(N, Q, C) -> (N, Q, K) logits, Eq. 1: t + s^l (s^l only with RCH)."""
+        logits = self.class_heads[layer_index](query)
+        if self.rank_class_bias is None:
+            return logits
+        rows = self._rank_rows(group_sizes, query.device)
+        return logits + self.rank_class_bias[layer_index](rows)[None]
+
+    def _fuse_rank_content(self, query: torch.Tensor, layer_index: int, group_sizes: list[int]):
+        """Eq. 2: (N, Q, C) sorted content queries -> Linear([q ; Linear(C^l)]) (QRL only)."""
+        if self.rank_content_query is None:
+            return query
+        rows = self._rank_rows(group_sizes, query.device)
+        rank_embedding = self.rank_content_query[layer_index - 1](rows)
+        rank_embedding = self.rank_query_proj[layer_index - 1](rank_embedding)
+        rank_embedding = rank_embedding[None].expand_as(query)
+        return self.rank_query_fuse[layer_index - 1](torch.cat([query, rank_embedding], dim=-1))

@@ -1,0 +1,136 @@
+"""The deformable transformer encoder (Deformable DETR), post-norm."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rankdetr.layers.multi_scale_deform_attn import MultiScaleDeformableAttention
+
+__all__ = ["FeedForward", "DeformableEncoderLayer", "DeformableEncoder", "encoder_reference_points"]
+
+
+class FeedForward(nn.Module):
+    """Linear -> ReLU -> dropout -> Linear -> dropout."""
+
+    def __init__(self, embed_dim: int = 256, hidden_dim: int = 2048, dropout: float = 0.0):
+        super().__init__()
+        self.linear1 = nn.Linear(embed_dim, hidden_dim)
+        self.linear2 = nn.Linear(hidden_dim, embed_dim)
+        self.activation = nn.ReLU(inplace=True)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., C)."""
+        return self.dropout(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Deformable self-attention over all levels, then a feed-forward block, each post-norm."""
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        num_levels: int = 4,
+        num_points: int = 4,
+        ffn_dim: int = 2048,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.self_attn = MultiScaleDeformableAttention(
+            embed_dim=embed_dim, num_heads=num_heads, num_levels=num_levels, num_points=num_points
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(embed_dim)
+        self.ffn = FeedForward(embed_dim, ffn_dim, dropout)
+        self.norm2 = nn.LayerNorm(embed_dim)
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            src: (N, S, C) flattened features of all levels.
+            pos: (N, S, C) position + level embeddings.
+            reference_points: (N, S, L, 2) normalised pixel centres, per level.
+            spatial_shapes: (L, 2) int64; level_start_index: (L,) int64.
+            padding_mask: (N, S) bool, True at padding, or None.
+
+        Returns:
+            (N, S, C).
+        """
+        attended = self.self_attn(
+            src + pos, src, reference_points, spatial_shapes, level_start_index, padding_mask
+        )
+        src = self.norm1(src + self.dropout(attended))
+        return self.norm2(src + self.ffn(src))
+
+
+class DeformableEncoder(nn.Module):
+    """A stack of :class:`DeformableEncoderLayer`."""
+
+    def __init__(self, *, num_layers: int = 6, **layer_kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers)
+        )
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        pos: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        valid_ratios: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            src, pos: (N, S, C).
+            spatial_shapes: (L, 2) int64 (h, w); level_start_index: (L,) int64.
+            valid_ratios: (N, L, 2), unpadded fraction (w, h) of each level.
+            padding_mask: (N, S) bool or None.
+
+        Returns:
+            memory (N, S, C).
+        """
+        reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
+        for layer in self.layers:
+            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+        return src
+
+
+def encoder_reference_points(
+    spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor
+) -> torch.Tensor:
+    """Pixel centres of every level as reference points for every level.
+
+    Each pixel centre is normalised by the unpadded extent of its own level, then mapped into
+    every level's coordinates by that level's valid ratio (images in a batch are padded).
+
+    Args:
+        spatial_shapes: (L, 2) int64 (h, w).
+        valid_ratios: (N, L, 2) as (w, h).
+
+    Returns:
+        (N, S, L, 2) normalised (x, y).
+    """
+    points = []
+    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+        ys, xs = torch.meshgrid(
+            torch.arange(h, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
+            torch.arange(w, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
+            indexing="ij",
+        )
+        ys = ys.reshape(1, -1) / (valid_ratios[:, None, level, 1] * h)
+        xs = xs.reshape(1, -1) / (valid_ratios[:, None, level, 0] * w)
+        points.append(torch.stack([xs, ys], dim=-1))
+    return torch.cat(points, dim=1)[:, :, None] * valid_ratios[:, None]

@@ -1,0 +1,138 @@
+"""SetCriterion: loss values against a plain-Python computation on the same assignment."""
+
+import pytest
+import torch
+
+from rankdetr.modeling.criterion import SetCriterion, repeat_targets
+from rankdetr.modeling.matcher import HungarianMatcher
+from tests import reference_math as ref
+
+
+def problem(seed=0, batch=2, queries=5, classes=3):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, queries, classes, generator=g, dtype=torch.float64)
+    boxes = torch.cat(
+        [
+            torch.rand(batch, queries, 2, generator=g, dtype=torch.float64) * 0.5 + 0.25,
+            torch.rand(batch, queries, 2, generator=g, dtype=torch.float64) * 0.3 + 0.1,
+        ],
+        -1,
+    )
+    targets = [
+        {"labels": torch.tensor([0, 2]), "boxes": boxes[0, :2].clone() + 0.02},
+        {"labels": torch.tensor([1]), "boxes": boxes[1, 3:4].clone() - 0.01},
+    ]
+    return logits, boxes, targets
+
+
+def brute_force_losses(logits, boxes, targets, matches, kind, alpha=0.25, gamma=2.0):
+    num_boxes = max(sum(len(t["labels"]) for t in targets), 1)
+    matched = {}
+    for n, (rows, cols) in enumerate(matches):
+        for q, t in zip(rows.tolist(), cols.tolist()):
+            matched[(n, q)] = (int(targets[n]["labels"][t]), targets[n]["boxes"][t].tolist())
+    cls = l1 = giou_loss = 0.0
+    for n in range(logits.shape[0]):
+        for q in range(logits.shape[1]):
+            box = boxes[n, q].tolist()
+            for k in range(logits.shape[2]):
+                p = ref.sigmoid(logits[n, q, k].item())
+                if (n, q) in matched and matched[(n, q)][0] == k:
+                    gt = matched[(n, q)][1]
+                    t = 1.0 if kind == "focal" else (ref.giou(ref.xyxy(box), ref.xyxy(gt)) + 1) / 2
+                    cls += alpha * abs(t - p) ** gamma * ref.bce(p, t)
+                else:
+                    cls += (1 - alpha) * p**gamma * ref.bce(p, 0.0)
+            if (n, q) in matched:
+                gt = matched[(n, q)][1]
+                l1 += sum(abs(a - b) for a, b in zip(box, gt))
+                giou_loss += 1 - ref.giou(ref.xyxy(box), ref.xyxy(gt))
+    return {
+        "loss_class": 2 * cls / num_boxes,
+        "loss_bbox": 5 * l1 / num_boxes,
+        "loss_giou": 2 * giou_loss / num_boxes,
+    }
+
+
+@pytest.mark.parametrize("kind", ["focal", "gcl"])
+def test_losses_match_a_brute_force_computation(kind):
+    logits, boxes, targets = problem()
+    matcher = HungarianMatcher()
+    criterion = SetCriterion(num_classes=3, matcher=matcher, classification_loss=kind)
+    losses = criterion({"logits": [logits], "boxes": [boxes]}, targets)
+    expected = brute_force_losses(logits, boxes, targets, matcher(logits, boxes, targets), kind)
+    for name, value in expected.items():
+        assert losses[name].item() == pytest.approx(value, rel=1e-9), name
+
+
+def test_all_outputs_get_their_losses_and_one2many_uses_repeated_targets():
+    logits, boxes, targets = problem()
+    criterion = SetCriterion(num_classes=3, matcher=HungarianMatcher(), weight_one2many=0.5)
+    o2m_logits, o2m_boxes, _ = problem(seed=1, queries=8)
+    outputs = {
+        "logits": [logits, logits * 0.5],
+        "boxes": [boxes, boxes],
+        "enc_logits": logits,
+        "enc_boxes": boxes,
+    }
+    losses = criterion(outputs, targets, {"logits": [o2m_logits], "boxes": [o2m_boxes]}, 3)
+    expected_keys = {
+        f"{prefix}loss_{term}{suffix}"
+        for term in ("class", "bbox", "giou")
+        for prefix, suffix in [("", ""), ("", "_0"), ("", "_enc"), ("o2m_", "")]
+    }
+    assert set(losses) == expected_keys
+    repeated = repeat_targets(targets, 3)
+    assert [len(t["labels"]) for t in repeated] == [6, 3]
+    single = SetCriterion(num_classes=3, matcher=HungarianMatcher())
+    plain = single({"logits": [o2m_logits], "boxes": [o2m_boxes]}, repeated)
+    # Normalised by k * (number of boxes) and weighted by lambda = 0.5.
+    assert losses["o2m_loss_bbox"].item() == pytest.approx(0.5 * plain["loss_bbox"].item())
+
+
+def test_encoder_loss_is_class_agnostic_focal():
+    logits, boxes, targets = problem()
+    criterion = SetCriterion(num_classes=3, matcher=HungarianMatcher(), classification_loss="gcl")
+    losses = criterion(
+        {"logits": [logits], "boxes": [boxes], "enc_logits": logits, "enc_boxes": boxes}, targets
+    )
+    agnostic = [{"labels": torch.zeros_like(t["labels"]), "boxes": t["boxes"]} for t in targets]
+    focal = SetCriterion(num_classes=3, matcher=HungarianMatcher(), classification_loss="focal")
+    expected = focal({"logits": [logits], "boxes": [boxes]}, agnostic)
+    for term in ("class", "bbox", "giou"):
+        assert losses[f"loss_{term}_enc"].item() == pytest.approx(expected[f"loss_{term}"].item())
+
+
+def test_images_without_targets_give_finite_losses_and_gradients():
+    logits, boxes, _ = problem()
+    logits.requires_grad_(True)
+    empty = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
+    losses = SetCriterion(num_classes=3, matcher=HungarianMatcher())(
+        {"logits": [logits], "boxes": [boxes]}, empty
+    )
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_bbox"].item() == 0
+    sum(losses.values()).backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_perfect_predictions_have_zero_box_losses():
+    _, boxes, targets = problem()
+    logits = torch.full((2, 5, 3), -20.0, dtype=torch.float64)
+    targets = [{"labels": torch.tensor([1]), "boxes": boxes[0, 2:3]}, targets[1]]
+    boxes = boxes.clone()
+    boxes[1, 3] = targets[1]["boxes"][0]
+    logits[0, 2, 1] = logits[1, 3, 1] = 20.0
+    losses = SetCriterion(num_classes=3, matcher=HungarianMatcher(), classification_loss="focal")(
+        {"logits": [logits], "boxes": [boxes]}, targets
+    )
+    assert losses["loss_bbox"].item() == pytest.approx(0, abs=1e-9)
+    assert losses["loss_giou"].item() == pytest.approx(0, abs=1e-9)
+    assert losses["loss_class"].item() < 1e-6
+
+
+def test_invalid_options_are_named():
+    with pytest.raises(ValueError, match="classification_loss"):
+        SetCriterion(num_classes=3, matcher=HungarianMatcher(), classification_loss="bce")
+    with pytest.raises(ValueError, match="quality_target"):
+        SetCriterion(num_classes=3, matcher=HungarianMatcher(), quality_target="l1")
