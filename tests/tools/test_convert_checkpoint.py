@@ -1,0 +1,37 @@
+"""tools/convert_checkpoint.py: release checkpoint file -> loadable rankdetr checkpoint."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.checkpoint.test_release import fake_release_state_dict, r50_two_stage
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "convert_checkpoint.py"
+
+
+def test_converted_file_loads_strictly(tmp_path):
+    release = fake_release_state_dict()
+    torch.save({"model": release, "iteration": 89999}, tmp_path / "release.pth")
+    result = subprocess.run(
+        [sys.executable, str(TOOL), str(tmp_path / "release.pth"), str(tmp_path / "ours.pth")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    converted = torch.load(tmp_path / "ours.pth", weights_only=True)["model"]
+    model = r50_two_stage()
+    model.load_state_dict(converted, strict=True)
+    torch.testing.assert_close(model.level_embeds, release["transformer.level_embeds"])
+
+
+def test_bad_input_is_reported_and_nothing_is_written(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    result = subprocess.run(
+        [sys.executable, str(TOOL), str(tmp_path / "junk.pth"), str(tmp_path / "ours.pth")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1 and "junk.pth" in result.stderr
+    assert not (tmp_path / "ours.pth").exists()

@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""Convert the original Rank-DETR release's checkpoint into a rankdetr checkpoint.
+
+    .venv/bin/python tools/convert_checkpoint.py rank_detr_r50_12ep.pth converted.pth
+
+The output holds {"model": state_dict} for rankdetr's RankDETR and loads with
+`train.init_checkpoint=converted.pth`. The input is read with `weights_only=True`, so no code in
+it runs; the output is written to a temporary file and renamed, so a failure never leaves a
+half-written checkpoint behind.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from rankdetr.checkpoint import convert_release_state_dict
+from rankdetr.checkpoint.backbone_weights import CheckpointError, read_weights_file
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("input", type=Path, help="the release checkpoint (.pth)")
+    parser.add_argument("output", type=Path, help="where to write the rankdetr checkpoint")
+    parser.add_argument("--num-decoder-layers", type=int, default=6)
+    args = parser.parse_args()
+    try:
+        state = read_weights_file(args.input)
+        converted = convert_release_state_dict(state, args.num_decoder_layers)
+    except (CheckpointError, KeyError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.output.with_name(args.output.name + ".partial")
+    torch.save({"model": converted, "converted_from": str(args.input)}, partial)
+    os.replace(partial, args.output)
+    print(f"wrote {len(converted)} tensors to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
