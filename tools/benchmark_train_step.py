@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""Seconds per training step and per inference of Rank-DETR R50 two-stage on a fixed CPU input.
+
+The input: batch 2, images 320x320 and 288x320 with 2 boxes each, 300 one-to-one + 1500
+one-to-many queries, all four rank components on. Rows: rankdetr as built (compiled
+MSDeformAttn), and the same model with the pure-PyTorch MSDeformAttn as the in-process baseline.
+`--profile` adds the top operators of one training step (torch.profiler).
+
+    .venv/bin/python tools/benchmark_train_step.py --repeats 3 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+from detectron2.structures import Boxes, Instances
+from tqdm import tqdm
+
+import rankdetr.layers.multi_scale_deform_attn as msda_module
+from rankdetr.layers.ms_deform_attn import ms_deform_attn_reference
+from rankdetr.modeling.backbone import ResNetBackbone
+from rankdetr.modeling.neck import ChannelMapper
+from rankdetr.modeling.rank_detr import RankDETR
+
+
+def build_model() -> RankDETR:
+    torch.manual_seed(0)
+    backbone = ResNetBackbone(depth=50)
+    neck = ChannelMapper(in_channels=backbone.out_channels, out_channels=256, num_extra_levels=1)
+    return RankDETR(backbone=backbone, neck=neck, num_classes=80)
+
+
+def fixed_batch() -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    inputs = []
+    for h, w in [(320, 320), (288, 320)]:
+        instances = Instances((h, w))
+        instances.gt_boxes = Boxes(
+            torch.tensor([[20.0, 30.0, 150.0, 200.0], [160.0, 40.0, 300.0, 250.0]])
+        )
+        instances.gt_classes = torch.tensor([3, 17])
+        image = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+        inputs.append({"image": image, "instances": instances, "height": h, "width": w})
+    return inputs
+
+
+@contextmanager
+def reference_op(enabled: bool):
+    """Swap the pure-PyTorch MSDeformAttn into the attention module (the baseline row)."""
+    original = msda_module.ms_deform_attn
+    if enabled:
+        msda_module.ms_deform_attn = ms_deform_attn_reference
+    try:
+        yield
+    finally:
+        msda_module.ms_deform_attn = original
+
+
+def train_step(model, optimizer, batch) -> None:
+    losses = model(batch)
+    optimizer.zero_grad(set_to_none=True)
+    sum(losses.values()).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    optimizer.step()
+
+
+def time_it(fn, repeats: int, desc: str) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in tqdm(range(repeats), desc=desc, leave=False):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--profile", action="store_true", help="print the top ops of a step")
+    parser.add_argument("--skip-baseline", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = build_model()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batch = fixed_batch()
+
+    def train():
+        model.train()
+        train_step(model, optimizer, batch)
+
+    def infer():
+        model.eval()
+        with torch.no_grad():
+            model(batch)
+
+    rows = []
+    for name, use_reference in [("rankdetr", False), ("pure-PyTorch MSDeformAttn", True)]:
+        if use_reference and args.skip_baseline:
+            continue
+        with reference_op(use_reference):
+            rows.append((name, time_it(train, args.repeats, f"{name} train"),
+                         time_it(infer, args.repeats, f"{name} infer")))  # fmt: skip
+
+    print(
+        f"\nR50 two-stage, 300+1500 queries, batch 2 (320x320, 288x320), CPU, {args.threads} thr."
+    )
+    print("| variant | train step (s) | inference (s) | train vs baseline | infer vs baseline |")
+    print("|---|---|---|---|---|")
+    base_train, base_infer = rows[-1][1], rows[-1][2]
+    for name, train_s, infer_s in rows:
+        print(f"| {name} | {train_s:.2f} | {infer_s:.2f} | {base_train / train_s:.2f}x "
+              f"| {base_infer / infer_s:.2f}x |")  # fmt: skip
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        train()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            train()
+        print("\nTop operators of one training step (self CPU time):")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+if __name__ == "__main__":
+    main()
