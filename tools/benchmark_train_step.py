@@ -21,7 +21,7 @@ from detectron2.structures import Boxes, Instances
 from tqdm import tqdm
 
 import rankdetr.layers.multi_scale_deform_attn as msda_module
-from rankdetr.layers.ms_deform_attn import ms_deform_attn_reference
+from rankdetr.layers.ms_deform_attn_op import ms_deform_attn_reference
 from rankdetr.modeling.backbone import ResNetBackbone
 from rankdetr.modeling.neck import ChannelMapper
 from rankdetr.modeling.rank_detr import RankDETR

@@ -19,7 +19,6 @@ __all__ = [
 ]
 
 
-
 def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """numerator / denominator, with 0 / 0 = 0 (empty boxes) and no bias for tiny boxes."""
     return numerator / denominator.clamp(min=torch.finfo(denominator.dtype).tiny)
