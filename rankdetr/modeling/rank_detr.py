@@ -153,9 +153,11 @@ class RankDETR(nn.Module):
         outputs = self.predict(images.tensor, padding_mask, num_one2many)
         if self.training:
             targets = self.prepare_targets(batched_inputs, images)
-            one2one, one2many = self.split_groups(outputs)
-            return self.criterion(one2one, targets, one2many, self.one2many_repeats)
-        return self.postprocess(outputs, images.image_sizes, batched_inputs)
+            one2one, one2many = self.split_groups(_to_float32(outputs))
+            # Matching and losses in float32 even when the forward runs under autocast.
+            with torch.autocast(self.device.type, enabled=False):
+                return self.criterion(one2one, targets, one2many, self.one2many_repeats)
+        return self.postprocess(_to_float32(outputs), images.image_sizes, batched_inputs)
 
     def predict(self, images: torch.Tensor, padding_mask: torch.Tensor, num_one2many: int) -> dict:
         """
@@ -285,6 +287,17 @@ def _valid_ratio(mask: torch.Tensor) -> torch.Tensor:
     valid_h = (~mask[:, :, 0]).sum(1).float() / h
     valid_w = (~mask[:, 0, :]).sum(1).float() / w
     return torch.stack([valid_w, valid_h], -1)
+
+
+def _to_float32(outputs: dict) -> dict:
+    """Floating tensors (also inside lists) of an outputs dict in float32."""
+
+    def convert(x):
+        if isinstance(x, list):
+            return [convert(v) for v in x]
+        return x.float() if x.is_floating_point() else x
+
+    return {k: convert(v) for k, v in outputs.items()}
 
 
 def _as_rank_options(rank) -> RankOptions:

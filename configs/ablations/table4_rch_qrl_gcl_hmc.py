@@ -1,0 +1,15 @@
+"""Table 4 ablation, 4a row 5, 4c row 1 (Rank-DETR): RCH=True, QRL=True, GCL=True, HMC=True."""
+
+from ..rank_detr.rank_detr_r50_12ep import (  # noqa: F401
+    dataloader,
+    lr_multiplier,
+    model,
+    optimizer,
+    train,
+)
+
+model.rank.rch = True
+model.rank.qrl = True
+model.rank.gcl = True
+model.rank.hmc = True
+train.output_dir = "./output/ablations/table4_rch_qrl_gcl_hmc"

@@ -1,0 +1,13 @@
+"""Table 5a: GCL target t = IoU^2 (Rank-DETR R50 12 epochs otherwise)."""
+
+from ..rank_detr.rank_detr_r50_12ep import (  # noqa: F401
+    dataloader,
+    lr_multiplier,
+    model,
+    optimizer,
+    train,
+)
+
+model.rank.gcl_target = "iou"
+model.rank.gcl_power = 2.0
+train.output_dir = "./output/ablations/table5a_iou_2"

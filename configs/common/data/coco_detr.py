@@ -1,0 +1,44 @@
+"""COCO 2017 with the DETR / Rank-DETR augmentations (paper Sec. 4.1, detrex recipe).
+
+Train: random flip; then either resize the shorter side to one of 480..800 (step 32, max 1333), or
+resize to 400/500/600, crop 384-600, and resize as before. Test: shorter side 800, max 1333.
+The images are read from $DETECTRON2_DATASETS/coco (see README).
+"""
+
+from detectron2.config import LazyCall as L
+from detectron2.data import (
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.evaluation import COCOEvaluator
+from omegaconf import OmegaConf
+
+from rankdetr.data.mapper import DetrDatasetMapper
+
+dataloader = OmegaConf.create()
+
+dataloader.train = L(build_detection_train_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="coco_2017_train"),
+    mapper=L(DetrDatasetMapper)(
+        is_train=True,
+        min_sizes=tuple(range(480, 801, 32)),
+        max_size=1333,
+        crop_resize_sizes=(400, 500, 600),
+        crop_size=(384, 600),
+        image_format="RGB",
+    ),
+    total_batch_size=16,
+    num_workers=4,
+)
+
+dataloader.test = L(build_detection_test_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="coco_2017_val", filter_empty=False),
+    mapper=L(DetrDatasetMapper)(is_train=False, test_size=800, max_size=1333, image_format="RGB"),
+    num_workers=4,
+)
+
+# detectron2's fast evaluator needs its C++ ops; the Python one gives the same numbers.
+dataloader.evaluator = L(COCOEvaluator)(
+    dataset_name="${..test.dataset.names}", use_fast_impl=False, output_dir=None
+)

@@ -1,0 +1,17 @@
+"""Defaults of the `train` node."""
+
+train = dict(
+    output_dir="./output",
+    init_checkpoint="",  # a local file: rankdetr checkpoint, or converted release weights
+    max_iter=90000,
+    device="auto",  # "auto": cuda when available, else cpu
+    amp=None,  # None, "bf16" or "fp16" (fp16 needs CUDA); the forward runs under autocast
+    clip_grad_norm=0.1,
+    ema=dict(enabled=False, decay=0.9998, evaluate_average=True),
+    checkpointer=dict(period=5000, max_to_keep=100),
+    eval_period=5000,
+    log_period=20,
+    seed=-1,
+    ddp=dict(broadcast_buffers=False, find_unused_parameters=False),
+    cudnn_benchmark=False,
+)

@@ -1,0 +1,43 @@
+"""The demo: a small Rank-DETR (ResNet-18 from scratch, 2+3 transformer layers, 50 + 150
+queries) trained and evaluated on the bundled shapes dataset, on a CPU, in about ten minutes.
+
+    make demo        # = tools/train_net.py --config-file configs/demo/rank_detr_r18_shapes.py
+"""
+
+from detectron2.config import LazyCall as L
+
+from rankdetr.engine.optim import step_lr_schedule
+
+from ..common.data.shapes import dataloader  # noqa: F401
+from ..common.optim import optimizer
+from ..common.train import train
+from ..models.rank_detr_r50 import model
+
+model.backbone.depth = 18
+model.backbone.norm = "BN"  # trained from scratch (no download): batch norm must learn
+model.backbone.freeze_at = 0
+model.neck.in_channels = [128, 256, 512]
+model.neck.out_channels = 128
+model.embed_dim = 128
+model.num_heads = 4
+model.ffn_dim = 512
+model.encoder_layers = 2
+model.decoder_layers = 3
+model.num_queries = 50
+model.num_queries_one2many = 150
+model.one2many_repeats = 3
+model.num_detections = 50
+
+optimizer.lr = 4e-4
+optimizer.params.lr_multipliers = {"sampling_offsets": 0.1}  # the backbone learns from scratch
+
+train.max_iter = 2000
+train.device = "cpu"
+train.output_dir = "./output/demo"
+train.checkpointer.period = 500
+train.eval_period = 2000
+train.log_period = 20
+train.seed = 42
+
+# lr x0.1 for the last 10 % of the iterations.
+lr_multiplier = L(step_lr_schedule)(max_iter="${..train.max_iter}", drop_fraction=0.9)

@@ -1,0 +1,15 @@
+"""H-DETR baseline: Rank-DETR swin_l 36 epochs with all four rank components off (Table 2)."""
+
+from ..rank_detr.rank_detr_swin_l_36ep import (  # noqa: F401
+    dataloader,
+    lr_multiplier,
+    model,
+    optimizer,
+    train,
+)
+
+model.rank.rch = False
+model.rank.qrl = False
+model.rank.gcl = False
+model.rank.hmc = False
+train.output_dir = "./output/h_detr_swin_l_36ep"

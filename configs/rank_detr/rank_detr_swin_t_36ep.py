@@ -1,0 +1,8 @@
+"""Rank-DETR, Swin-T, 36 epochs (paper: 54.7 AP, Table 2)."""
+
+from ..common.schedule import lr_multiplier_36ep
+from .rank_detr_swin_t_12ep import dataloader, lr_multiplier, model, optimizer, train  # noqa: F401
+
+lr_multiplier = lr_multiplier_36ep  # noqa: F811
+train.max_iter = 270000
+train.output_dir = "./output/rank_detr_swin_t_36ep"
