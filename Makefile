@@ -9,7 +9,7 @@ setup:
 	@bash tools/setup_env.sh
 
 demo: setup
-	@$(PY) tools/check_env.py --demo-placeholder
+	$(PY) tools/train_net.py --config-file configs/demo/rank_detr_r18_shapes.py
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,514 @@
+"""Dataset registration for detectron2's DatasetCatalog / MetadataCatalog.
+
+* "shapes_train" / "shapes_val": the bundled synthetic dataset (:mod:`rankdetr.data.synthetic`),
+  generated on first load.
+* "coco_2017_train" / "coco_2017_val": detectron2 registers these names when it is imported
+  (builtin datasets, from `$DETECTRON2_DATASETS`, default "datasets", read at that moment).
+  :func:`register_coco_2017` keeps detectron2's names and metadata and only makes them load
+  through :func:`load_coco_json_checked`, so that missing files are reported with the path and
+  the variable to set; :func:`check_coco_2017` checks the files without loading.
+* any COCO-format dataset: :func:`register_coco_format`.
+
+All loaders return detectron2 dataset dicts with boxes in XYXY_ABS and contiguous category ids
+0..K-1 (COCO ids in increasing order), and validate the file (see
+:func:`load_coco_json_checked`). Registering is cheap and touches no file: errors come when the
+data is first loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
+
+from rankdetr.data.synthetic import (
+    SHAPES_CATEGORIES,
+    SHAPES_SPLITS,
+    generate_shapes_dataset,
+    shapes_split_paths,
+)
+
+__all__ = [
+    "DatasetFormatError",
+    "check_coco_2017",
+    "default_shapes_root",
+    "load_coco_json_checked",
+    "num_classes_of",
+    "register_coco_2017",
+    "register_coco_format",
+    "register_shapes_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REQUIRED_KEYS = {
+    "images": ("id", "file_name", "width", "height"),
+    "annotations": ("id", "image_id", "category_id", "bbox"),
+    "categories": ("id", "name"),
+}
+MAX_EXAMPLES = 5  # offending entries quoted in an error message
+
+# name -> the arguments we registered it with; names we did not register are never replaced.
+_REGISTERED: dict[str, tuple] = {}
+
+
+class DatasetFormatError(ValueError):
+    """An annotation file that is not valid COCO; the message names the file and the problem."""
+
+
+# --- registration -----------------------------------------------------------------------------
+
+
+def default_shapes_root() -> Path:
+    """`$RANKDETR_DATASETS/shapes` if the variable is set, else `<repo root>/datasets/shapes`."""
+    datasets = os.environ.get("RANKDETR_DATASETS")
+    return Path(datasets) / "shapes" if datasets else REPO_ROOT / "datasets" / "shapes"
+
+
+def register_shapes_dataset(
+    root: str | Path | None = None, num_images: Mapping[str, int] | None = None
+) -> Path:
+    """Register "shapes_train" and "shapes_val"; the files are generated when first loaded.
+
+    Calling it again with the same arguments does nothing; with other arguments it replaces
+    the earlier registration. COCOEvaluator reads the JSON when it is constructed: load the
+    dataset first (DatasetCatalog.get or the test loader, as detectron2's evaluation flow does).
+
+    Args:
+        root: dataset folder (splits in `root/train`, `root/val`); default
+            :func:`default_shapes_root`.
+        num_images: images per split, overriding the defaults (2000 train, 200 val), e.g.
+            {"train": 64} for a quick test. The seeds stay those of SHAPES_SPLITS.
+
+    Returns:
+        The root folder.
+    """
+    root = Path(root) if root is not None else default_shapes_root()
+    for split, spec in SHAPES_SPLITS.items():
+        count = dict(num_images or {}).get(split, spec["num_images"])
+        json_file, image_root = shapes_split_paths(root, split)
+        _register(
+            f"shapes_{split}",
+            functools.partial(_load_shapes_split, root, split, count, spec["seed"]),
+            _shapes_metadata(json_file, image_root),
+            key=("shapes", str(root), split, count),
+        )
+    return root
+
+
+def _shapes_metadata(json_file: Path, image_root: Path) -> dict:
+    # The categories are known, so the metadata is complete before anything is generated.
+    return {
+        "thing_classes": [category["name"] for category in SHAPES_CATEGORIES],
+        "thing_dataset_id_to_contiguous_id": {
+            category["id"]: index for index, category in enumerate(SHAPES_CATEGORIES)
+        },
+        "json_file": str(json_file),
+        "image_root": str(image_root),
+        "evaluator_type": "coco",
+    }
+
+
+def _load_shapes_split(root: Path, split: str, num_images: int, seed: int) -> list[dict]:
+    json_file = generate_shapes_dataset(root, split, num_images, seed)
+    return load_coco_json_checked(json_file, shapes_split_paths(root, split)[1], f"shapes_{split}")
+
+
+def register_coco_format(name: str, json_file: str | Path, image_root: str | Path) -> None:
+    """Register a COCO-format detection dataset under `name` (loaded by
+    :func:`load_coco_json_checked`, evaluated with COCOEvaluator).
+
+    The class names and the id mapping enter the metadata when the data is first loaded (or by
+    :func:`num_classes_of`). Registering a name again with the same files does nothing, with other
+    files replaces it; a name registered by someone else (e.g. detectron2's builtin datasets) is
+    refused.
+    """
+    metadata = {
+        "json_file": str(json_file),
+        "image_root": str(image_root),
+        "evaluator_type": "coco",
+    }
+    _register(
+        name,
+        functools.partial(load_coco_json_checked, json_file, image_root, name),
+        metadata,
+        key=("coco_format", str(json_file), str(image_root)),
+    )
+
+
+def _register(name: str, loader: Callable[[], list[dict]], metadata: dict, key: tuple) -> None:
+    if name in DatasetCatalog.list():
+        if _REGISTERED.get(name) == key:
+            return
+        if name not in _REGISTERED:
+            raise ValueError(
+                f"dataset name {name!r} is already registered (not by rankdetr); choose another"
+            )
+        DatasetCatalog.remove(name)
+    _replace_metadata(name, metadata)
+    DatasetCatalog.register(name, loader)
+    _REGISTERED[name] = key
+
+
+def _replace_metadata(name: str, metadata: dict) -> None:
+    # detectron2 refuses to change a metadata value in place; start from a fresh entry instead.
+    if name in MetadataCatalog.list():
+        MetadataCatalog.remove(name)
+    MetadataCatalog.get(name).set(**metadata)
+
+
+# --- COCO 2017 --------------------------------------------------------------------------------
+
+
+def _coco_root(root: str | Path | None) -> Path:
+    return Path(root if root is not None else os.environ.get("DETECTRON2_DATASETS", "datasets"))
+
+
+def _coco_2017_paths(root: Path, split: str) -> tuple[Path, Path]:
+    coco = root / "coco"
+    return coco / "annotations" / f"instances_{split}2017.json", coco / f"{split}2017"
+
+
+def check_coco_2017(
+    root: str | Path | None = None, splits: tuple[str, ...] = ("train", "val")
+) -> Path:
+    """Raise FileNotFoundError naming the first missing COCO 2017 file or folder.
+
+    Args:
+        root: the folder that holds coco/; default `$DETECTRON2_DATASETS`, else "datasets".
+        splits: which of "train", "val" to check.
+
+    Returns:
+        The `root/coco` folder.
+    """
+    root = _coco_root(root)
+    hint = "; set DETECTRON2_DATASETS to the folder that holds coco/ (see README)"
+    for split in splits:
+        json_file, image_root = _coco_2017_paths(root, split)
+        if not json_file.is_file():
+            raise FileNotFoundError(
+                f"COCO 2017 annotations not found at {json_file.resolve()}{hint}"
+            )
+        if not image_root.is_dir():
+            raise FileNotFoundError(f"COCO 2017 images not found at {image_root.resolve()}{hint}")
+    return root / "coco"
+
+
+def register_coco_2017(root: str | Path | None = None) -> None:
+    """Make "coco_2017_train" / "coco_2017_val" load through :func:`load_coco_json_checked`.
+
+    detectron2 registered these names at import, with its COCO metadata (class names, id
+    mapping): both are kept, only the loader is replaced (and the paths, when `root` differs from
+    the folder detectron2 used). Loading then fails with a FileNotFoundError naming the missing
+    path and DETECTRON2_DATASETS, instead of pycocotools' bare error. Idempotent.
+
+    Args:
+        root: the folder that holds coco/; default `$DETECTRON2_DATASETS`, else "datasets".
+    """
+    root = _coco_root(root)
+    for split in ("train", "val"):
+        name = f"coco_2017_{split}"
+        json_file, image_root = _coco_2017_paths(root, split)
+        metadata = _coco_2017_metadata(name)
+        metadata.update(json_file=str(json_file), image_root=str(image_root), evaluator_type="coco")
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+        _replace_metadata(name, metadata)
+        DatasetCatalog.register(name, functools.partial(_load_coco_2017, root, split, name))
+        _REGISTERED[name] = ("coco_2017", str(root), split)
+
+
+def _coco_2017_metadata(name: str) -> dict:
+    """The metadata detectron2 gave `name` (class names, id mapping, colours), without paths."""
+    if name in MetadataCatalog.list() and MetadataCatalog.get(name).get("thing_classes"):
+        metadata = MetadataCatalog.get(name).as_dict()
+    else:  # a detectron2 build without its builtin registrations
+        from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
+
+        metadata = _get_builtin_metadata("coco")
+    return {k: v for k, v in metadata.items() if k not in ("name", "json_file", "image_root")}
+
+
+def _load_coco_2017(root: Path, split: str, name: str) -> list[dict]:
+    check_coco_2017(root, splits=(split,))
+    json_file, image_root = _coco_2017_paths(root, split)
+    return load_coco_json_checked(json_file, image_root, name)
+
+
+def num_classes_of(dataset_name: str) -> int:
+    """Number of classes (len of the metadata's thing_classes) of a registered dataset.
+
+    For a :func:`register_coco_format` dataset that was not loaded yet, this loads it (the
+    classes come from its JSON).
+    """
+    if dataset_name not in DatasetCatalog.list():
+        raise KeyError(f"dataset {dataset_name!r} is not registered")
+    if not MetadataCatalog.get(dataset_name).get("thing_classes"):
+        DatasetCatalog.get(dataset_name)  # our COCO loaders set thing_classes
+    classes = MetadataCatalog.get(dataset_name).get("thing_classes")
+    if not classes:
+        raise ValueError(f"dataset {dataset_name!r} has no thing_classes in its metadata")
+    return len(classes)
+
+
+# --- loading and validating COCO JSON ---------------------------------------------------------
+
+
+def load_coco_json_checked(
+    json_file: str | Path,
+    image_root: str | Path,
+    dataset_name: str | None = None,
+    check_image_files: bool = True,
+) -> list[dict]:
+    """Load a COCO instances JSON as detectron2 dataset dicts, validating it first.
+
+    Errors (raised): a missing JSON (FileNotFoundError); invalid JSON, named with line and column;
+    missing top-level or per-entry keys, named; duplicate ids; non-positive image sizes;
+    annotations of unknown images or categories, with the unknown ids (DatasetFormatError); a
+    missing image folder or image files, named (FileNotFoundError; `check_image_files=False` skips
+    the file check, e.g. for remote storage).
+
+    Skipped (logged as a warning with the count per reason): annotations whose box is not 4
+    finite numbers, has non-positive width or height, or lies entirely outside its image. Boxes
+    that extend past the image border are clipped to it (also counted in the log).
+
+    Args:
+        json_file: COCO instances JSON (images, annotations, categories).
+        image_root: folder that the images' `file_name`s are relative to.
+        dataset_name: if given, its metadata receives thing_classes and
+            thing_dataset_id_to_contiguous_id (existing ones must agree with the file).
+        check_image_files: whether to check that every image file exists.
+
+    Returns:
+        One dict per image, in file order: file_name (joined with image_root), height, width,
+        image_id, annotations: [{bbox [x0, y0, x1, y1], bbox_mode XYXY_ABS, category_id in
+        0..K-1, iscrowd}]. Images without annotations are kept.
+    """
+    json_file, image_root = Path(json_file), Path(image_root)
+    label = f"dataset {dataset_name!r} ({json_file})" if dataset_name else str(json_file)
+    data = _read_json(json_file, label)
+    for section, keys in REQUIRED_KEYS.items():
+        _check_entries(data[section], section, keys, label)
+    id_map, class_names = _category_mapping(data["categories"], label)
+    images = _images_by_id(data["images"], label)
+    _check_references(data["annotations"], images, id_map, label)
+    if dataset_name:
+        _set_class_metadata(dataset_name, id_map, class_names, label)
+    if check_image_files:
+        _check_image_files(images.values(), image_root, label)
+    return _dataset_dicts(images, data["annotations"], id_map, image_root, label)
+
+
+def _read_json(json_file: Path, label: str) -> dict:
+    if not json_file.is_file():
+        raise FileNotFoundError(f"COCO annotation file not found: {json_file} ({label})")
+    try:
+        with open(json_file, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise DatasetFormatError(
+            f"{json_file} is not valid JSON: {error.msg} at line {error.lineno} column "
+            f"{error.colno} (character {error.pos})"
+        ) from None
+    if not isinstance(data, dict):
+        raise DatasetFormatError(f"{label}: the top level must be a JSON object")
+    missing = [key for key in REQUIRED_KEYS if key not in data]
+    if missing:
+        raise DatasetFormatError(f"{label}: missing top-level key(s) {_quoted(missing)}")
+    return data
+
+
+def _quoted(names) -> str:
+    return ", ".join(f"'{name}'" for name in names)
+
+
+def _check_entries(entries, section: str, required: tuple[str, ...], label: str) -> None:
+    """Every entry of `section` is an object with the required keys; name the offenders."""
+    if not isinstance(entries, list):
+        raise DatasetFormatError(f"{label}: '{section}' must be a list")
+    problems = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            problems.append(f"{section}[{index}] is not an object")
+            continue
+        missing = [key for key in required if key not in entry]
+        if missing:
+            problems.append(f"{section}[{index}] lacks {_quoted(missing)}")
+    if problems:
+        examples = "; ".join(problems[:MAX_EXAMPLES])
+        raise DatasetFormatError(
+            f"{label}: {len(problems)} of {len(entries)} '{section}' entries are malformed "
+            f"(each needs {_quoted(required)}): {examples}"
+        )
+
+
+def _category_mapping(categories: list[dict], label: str) -> tuple[dict[int, int], list[str]]:
+    """COCO category id -> contiguous 0..K-1 (ids in increasing order), and the class names."""
+    ids = [category["id"] for category in categories]
+    not_int = [i for i in ids if not isinstance(i, int) or isinstance(i, bool)]
+    if not_int:
+        raise DatasetFormatError(f"{label}: category ids must be integers, got {not_int[:5]}")
+    duplicates = sorted(i for i, count in Counter(ids).items() if count > 1)
+    if duplicates:
+        raise DatasetFormatError(f"{label}: duplicate category id(s) {duplicates}")
+    if not categories:
+        raise DatasetFormatError(f"{label}: 'categories' is empty")
+    ordered = sorted(categories, key=lambda category: category["id"])
+    id_map = {category["id"]: index for index, category in enumerate(ordered)}
+    return id_map, [str(category["name"]) for category in ordered]
+
+
+def _images_by_id(images: list[dict], label: str) -> dict:
+    by_id = {}
+    for image in images:
+        if image["id"] in by_id:
+            raise DatasetFormatError(f"{label}: duplicate image id {image['id']!r}")
+        if not _positive_int(image["width"]) or not _positive_int(image["height"]):
+            raise DatasetFormatError(
+                f"{label}: image {image['id']!r} ({image['file_name']}) has size "
+                f"{image['width']!r} x {image['height']!r}; width and height must be positive "
+                "integers"
+            )
+        by_id[image["id"]] = image
+    return by_id
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_references(annotations: list[dict], images: dict, id_map: dict, label: str) -> None:
+    unknown_categories = Counter(
+        a["category_id"] for a in annotations if a["category_id"] not in id_map
+    )
+    if unknown_categories:
+        raise DatasetFormatError(
+            f"{label}: {sum(unknown_categories.values())} annotation(s) use category id(s) "
+            f"{sorted(unknown_categories, key=str)} that 'categories' does not define "
+            f"(known: {sorted(id_map)})"
+        )
+    unknown_images = Counter(a["image_id"] for a in annotations if a["image_id"] not in images)
+    if unknown_images:
+        examples = sorted(unknown_images, key=str)[:MAX_EXAMPLES]
+        raise DatasetFormatError(
+            f"{label}: {sum(unknown_images.values())} annotation(s) refer to image id(s) that "
+            f"'images' does not define, e.g. {examples}"
+        )
+
+
+def _set_class_metadata(name: str, id_map: dict, class_names: list[str], label: str) -> None:
+    metadata = MetadataCatalog.get(name)
+    registered = metadata.get("thing_dataset_id_to_contiguous_id")
+    if registered is not None and dict(registered) != id_map:
+        raise DatasetFormatError(
+            f"{label}: its categories {sorted(id_map)} disagree with the registered metadata of "
+            f"{name!r} (category ids {sorted(registered)})"
+        )
+    if registered is None:
+        metadata.thing_dataset_id_to_contiguous_id = id_map
+    if metadata.get("thing_classes") is None:
+        metadata.thing_classes = class_names
+
+
+def _check_image_files(images, image_root: Path, label: str) -> None:
+    if not image_root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {image_root} ({label})")
+    # One directory listing instead of a stat per image: fast for COCO's 118k files.
+    listed = set(os.listdir(image_root))
+    missing = [
+        image["file_name"]
+        for image in images
+        if image["file_name"] not in listed and not (image_root / image["file_name"]).is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} image file(s) of {label} are missing under {image_root}, e.g. "
+            f"{', '.join(missing[:MAX_EXAMPLES])}"
+        )
+
+
+def _dataset_dicts(
+    images: dict, annotations: list[dict], id_map: dict, image_root: Path, label: str
+) -> list[dict]:
+    records = {
+        image_id: {
+            "file_name": str(image_root / image["file_name"]),
+            "height": image["height"],
+            "width": image["width"],
+            "image_id": image_id,
+            "annotations": [],
+        }
+        for image_id, image in images.items()
+    }
+    outcomes = Counter()
+    for annotation in annotations:
+        record = records[annotation["image_id"]]
+        box, outcome = _checked_box(annotation["bbox"], record["width"], record["height"])
+        outcomes[outcome] += 1
+        if box is None:
+            continue
+        record["annotations"].append(
+            {
+                "bbox": box,
+                "bbox_mode": BoxMode.XYXY_ABS,
+                "category_id": id_map[annotation["category_id"]],
+                "iscrowd": int(annotation.get("iscrowd", 0)),
+            }
+        )
+    _log_box_outcomes(outcomes, len(annotations), label)
+    logger.info("%s: %d images, %d annotations", label, len(records), len(annotations))
+    return list(records.values())
+
+
+def _checked_box(bbox, width: int, height: int) -> tuple[list[float] | None, str]:
+    """COCO [x, y, w, h] -> ([x0, y0, x1, y1] clipped to the image, "ok" / "clipped"), or
+    (None, reason) for a box to skip."""
+    if not _is_four_numbers(bbox):
+        return None, "not a list of 4 numbers"
+    if not all(math.isfinite(v) for v in bbox):
+        return None, "NaN or infinite coordinates"
+    x, y, w, h = (float(v) for v in bbox)
+    if w <= 0 or h <= 0:
+        return None, "non-positive width or height"
+    x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))
+    if x1 <= x0 or y1 <= y0:
+        return None, "outside the image"
+    clipped = (x0, y0, x1, y1) != (x, y, x + w, y + h)
+    return [x0, y0, x1, y1], "clipped" if clipped else "ok"
+
+
+def _is_four_numbers(bbox) -> bool:
+    return (
+        isinstance(bbox, list)
+        and len(bbox) == 4
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
+    )
+
+
+def _log_box_outcomes(outcomes: Counter, total: int, label: str) -> None:
+    skipped = {reason: n for reason, n in outcomes.items() if reason not in ("ok", "clipped")}
+    if skipped:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+        logger.warning(
+            "%s: skipped %d of %d annotations with unusable boxes: %s",
+            label,
+            sum(skipped.values()),
+            total,
+            reasons,
+        )
+    if outcomes["clipped"]:
+        logger.warning(
+            "%s: clipped %d of %d boxes that extend past the image border",
+            label,
+            outcomes["clipped"],
+            total,
+        )
