@@ -1,6 +1,6 @@
-"""Table 4 ablation, 4a/4b row 1 (H-DETR): RCH=False, QRL=False, GCL=False, HMC=False."""
+"""Table 4a/4b row 1: no rank component, i.e. the H-DETR R50 12-epoch baseline."""
 
-from ..rank_detr.rank_detr_r50_12ep import (  # noqa: F401
+from ..h_detr.h_detr_r50_12ep import (  # noqa: F401
     dataloader,
     lr_multiplier,
     model,
@@ -8,8 +8,4 @@ from ..rank_detr.rank_detr_r50_12ep import (  # noqa: F401
     train,
 )
 
-model.rank.rch = False
-model.rank.qrl = False
-model.rank.gcl = False
-model.rank.hmc = False
 train.output_dir = "./output/ablations/table4_none"
