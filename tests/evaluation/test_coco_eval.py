@@ -1,0 +1,67 @@
+"""Evaluation as --eval-only runs it (runner.do_test) gives pycocotools' own numbers on the
+predictions it dumps."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.structures import Boxes, Instances
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from rankdetr.data import register_shapes_dataset
+from rankdetr.engine.runner import do_test, load_config
+
+DEMO = str(Path(__file__).resolve().parents[2] / "configs" / "demo" / "rank_detr_r18_shapes.py")
+
+
+class NoisyOracle(torch.nn.Module):
+    """Predicts the ground truth with jittered boxes, random scores, some wrong classes and some
+    false positives, so that AP is far from 0 and 100."""
+
+    def __init__(self):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(0)
+
+    def forward(self, batched_inputs):
+        results = []
+        for x in batched_inputs:
+            gt = x["instances"]
+            h, w = x["height"], x["width"]
+            scale = torch.tensor([w / gt.image_size[1], h / gt.image_size[0]] * 2)
+            boxes = gt.gt_boxes.tensor * scale
+            n = len(boxes)
+            boxes = boxes + torch.randn(n, 4, generator=self.generator) * 1.0
+            classes = gt.gt_classes.clone()
+            wrong = torch.rand(n, generator=self.generator) < 0.2
+            classes[wrong] = (classes[wrong] + 1) % 5
+            extra = torch.rand(3, 4, generator=self.generator) * min(h, w) / 2
+            extra[:, 2:] += extra[:, :2] + 4
+            instances = Instances((h, w))
+            instances.pred_boxes = Boxes(torch.cat([boxes, extra]))
+            instances.scores = torch.rand(n + 3, generator=self.generator)
+            instances.pred_classes = torch.cat(
+                [classes, torch.randint(5, (3,), generator=self.generator)]
+            )
+            results.append({"instances": instances})
+        return results
+
+
+@pytest.mark.slow
+def test_do_test_matches_pycocotools_on_the_dumped_predictions(tmp_path):
+    register_shapes_dataset(root=tmp_path / "shapes", num_images={"train": 4, "val": 24})
+    cfg = load_config(DEMO, [f"dataloader.evaluator.output_dir={tmp_path / 'eval'}",
+                             "dataloader.test.num_workers=0"])  # fmt: skip
+    results = do_test(cfg, NoisyOracle().eval())["bbox"]
+    assert 10 < results["AP"] < 95
+
+    gt = COCO(MetadataCatalog.get("shapes_val").json_file)
+    predictions = json.loads((tmp_path / "eval" / "coco_instances_results.json").read_text())
+    evaluation = COCOeval(gt, gt.loadRes(predictions), "bbox")
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+    for index, name in enumerate(["AP", "AP50", "AP75", "APs", "APm"]):
+        assert results[name] == pytest.approx(evaluation.stats[index] * 100, abs=1e-6), name
