@@ -31,11 +31,11 @@ model.num_detections = 50
 optimizer.lr = 4e-4
 optimizer.params.lr_multipliers = {"sampling_offsets": 0.1}  # the backbone learns from scratch
 
-train.max_iter = 2000
+train.max_iter = 600
 train.device = "cpu"
 train.output_dir = "./output/demo"
-train.checkpointer.period = 500
-train.eval_period = 2000
+train.checkpointer.period = 200
+train.eval_period = 600
 train.log_period = 20
 train.seed = 42
 
