@@ -1,5 +1,6 @@
 """The demo: a small Rank-DETR (ResNet-18 from scratch, 2+3 transformer layers, 50 + 150
-queries) trained and evaluated on the bundled shapes dataset, on a CPU, in about ten minutes.
+queries) trained and evaluated on the bundled shapes dataset, on a CPU (about 18 minutes on 2
+cores: AP 42.2 on shapes_val; the target being tuned for is AP >= 50 in about ten minutes).
 
     make demo        # = tools/train_net.py --config-file configs/demo/rank_detr_r18_shapes.py
 """
