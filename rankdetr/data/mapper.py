@@ -24,6 +24,8 @@ import torch
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from rankdetr.data.image_io import read_image
+
 __all__ = [
     "DetrDatasetMapper",
     "build_detr_augmentations",
@@ -148,7 +150,9 @@ class DetrDatasetMapper:
 
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = copy.deepcopy(dataset_dict)  # the loader hands out the same dicts each epoch
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        image = read_image(
+            dataset_dict["file_name"], self.image_format, f"image_id {dataset_dict.get('image_id')}"
+        )
         utils.check_image_size(dataset_dict, image)
         original_height, original_width = image.shape[:2]
         augmented = T.AugInput(image)

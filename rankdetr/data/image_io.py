@@ -1,0 +1,70 @@
+"""Reading image files for training and evaluation.
+
+:func:`read_image` returns an (H, W, 3) uint8 array in RGB or BGR whatever the file holds:
+grayscale, palette, CMYK and 16-bit files are converted to 3 channels, RGBA and LA lose their
+alpha, and the EXIF orientation is applied (as detectron2's reader does, so that the size agrees
+with what COCO tools record). A missing or unreadable file raises an error that names the file
+and the dataset entry it belongs to.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["ImageReadError", "read_image"]
+
+IMAGE_FORMATS = ("RGB", "BGR")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+class ImageReadError(OSError):
+    """An image file that exists but cannot be decoded; the message names the file."""
+
+
+def read_image(file_name: str | Path, format: str = "RGB", entry: str | None = None) -> np.ndarray:
+    """Read an image file as an (H, W, 3) uint8 array.
+
+    Args:
+        file_name: path of the image.
+        format: "RGB" or "BGR" channel order of the result.
+        entry: what the file belongs to, for error messages (e.g. "image_id 42 of
+            shapes_train"); None names the file only.
+
+    Returns:
+        (H, W, 3) uint8 array, C-contiguous.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ImageReadError: the file exists but is not a readable image (truncated, not an image).
+        ValueError: `format` is not "RGB" or "BGR".
+    """
+    if format not in IMAGE_FORMATS:
+        raise ValueError(f"image format must be 'RGB' or 'BGR', got {format!r}")
+    where = f" ({entry})" if entry else ""
+    path = Path(file_name)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}{where}")
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            array = _to_rgb_array(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        # PIL reports truncated or corrupt data as OSError / SyntaxError / ValueError.
+        raise ImageReadError(f"cannot read image {path}{where}: {error}") from error
+    if format == "BGR":
+        array = array[:, :, ::-1]
+    return np.ascontiguousarray(array)
+
+
+def _to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Any PIL image -> (H, W, 3) uint8 RGB; decodes the pixel data."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # convert("RGB") would clip 16-bit values at 255; keep the top 8 bits instead.
+        gray = (np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")  # then drop alpha: the pixels' colour, not a blend
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
