@@ -271,9 +271,11 @@ def load_coco_json_checked(
 ) -> list[dict]:
     """Load a COCO instances JSON as detectron2 dataset dicts, validating it first.
 
-    Errors (raised): a missing JSON (FileNotFoundError); invalid JSON, named with line and column;
-    missing top-level or per-entry keys, named; duplicate ids; non-positive image sizes;
-    annotations of unknown images or categories, with the unknown ids (DatasetFormatError); a
+    Errors (raised): a missing JSON (FileNotFoundError); invalid JSON, named with line and column,
+    or a file that is not UTF-8 text; missing top-level or per-entry keys, named; duplicate ids;
+    ids that are not integers or strings; empty or non-string file names; non-positive image
+    sizes; 'iscrowd' other than 0 / 1; annotations of unknown images or categories, with the
+    unknown ids (DatasetFormatError); a
     missing image folder or image files, named (FileNotFoundError; `check_image_files=False` skips
     the file check, e.g. for remote storage).
 
@@ -318,6 +320,10 @@ def _read_json(json_file: Path, label: str) -> dict:
         raise DatasetFormatError(
             f"{json_file} is not valid JSON: {error.msg} at line {error.lineno} column "
             f"{error.colno} (character {error.pos})"
+        ) from None
+    except UnicodeDecodeError as error:
+        raise DatasetFormatError(
+            f"{json_file} is not a UTF-8 text file (byte {error.start}): not a COCO JSON"
         ) from None
     if not isinstance(data, dict):
         raise DatasetFormatError(f"{label}: the top level must be a JSON object")
@@ -370,6 +376,15 @@ def _category_mapping(categories: list[dict], label: str) -> tuple[dict[int, int
 def _images_by_id(images: list[dict], label: str) -> dict:
     by_id = {}
     for image in images:
+        if not isinstance(image["id"], (int, str)) or isinstance(image["id"], bool):
+            raise DatasetFormatError(
+                f"{label}: image id {image['id']!r} must be an integer or a string"
+            )
+        if not isinstance(image["file_name"], str) or not image["file_name"]:
+            raise DatasetFormatError(
+                f"{label}: image {image['id']!r} has file_name {image['file_name']!r}; it must "
+                "be a non-empty string"
+            )
         if image["id"] in by_id:
             raise DatasetFormatError(f"{label}: duplicate image id {image['id']!r}")
         if not _positive_int(image["width"]) or not _positive_int(image["height"]):
@@ -387,6 +402,19 @@ def _positive_int(value) -> bool:
 
 
 def _check_references(annotations: list[dict], images: dict, id_map: dict, label: str) -> None:
+    unhashable = [a["category_id"] for a in annotations if not _hashable(a["category_id"])]
+    unhashable += [a["image_id"] for a in annotations if not _hashable(a["image_id"])]
+    if unhashable:
+        raise DatasetFormatError(
+            f"{label}: annotation image_id / category_id values must be integers or strings, "
+            f"got e.g. {unhashable[:MAX_EXAMPLES]}"
+        )
+    bad_crowd = [a["id"] for a in annotations if a.get("iscrowd", 0) not in (0, 1)]
+    if bad_crowd:
+        raise DatasetFormatError(
+            f"{label}: 'iscrowd' must be 0 or 1; annotation id(s) {bad_crowd[:MAX_EXAMPLES]} "
+            "have other values"
+        )
     unknown_categories = Counter(
         a["category_id"] for a in annotations if a["category_id"] not in id_map
     )
@@ -403,6 +431,11 @@ def _check_references(annotations: list[dict], images: dict, id_map: dict, label
             f"{label}: {sum(unknown_images.values())} annotation(s) refer to image id(s) that "
             f"'images' does not define, e.g. {examples}"
         )
+
+
+def _hashable(value) -> bool:
+    # JSON lists and objects cannot be ids (and would break the lookups below).
+    return not isinstance(value, (list, dict))
 
 
 def _set_class_metadata(name: str, id_map: dict, class_names: list[str], label: str) -> None:

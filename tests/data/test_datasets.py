@@ -303,3 +303,81 @@ def test_coco_2017_loads_through_the_checked_loader(tmp_path):
     (record,) = DatasetCatalog.get("coco_2017_val")
     assert record["annotations"][0]["category_id"] == 79  # COCO id 90 ("toothbrush")
     assert record["annotations"][0]["bbox"] == [1.0, 1.0, 61.0, 48.0]  # clipped to the image
+
+
+# --- more malformed files ----------------------------------------------------------------------
+
+
+def test_a_binary_file_is_named_as_not_json(tmp_path):
+    json_file = tmp_path / "photo.json"
+    json_file.write_bytes(b"\xff\xd8\xff\xe0 JFIF")
+    with pytest.raises(DatasetFormatError, match=r"photo.json is not a UTF-8 text file"):
+        load_coco_json_checked(json_file, tmp_path)
+
+
+@pytest.mark.parametrize("top_level", ["[]", '"images"', "null"])
+def test_a_top_level_that_is_not_an_object_is_an_error(tmp_path, top_level):
+    json_file = tmp_path / "list.json"
+    json_file.write_text(top_level)
+    with pytest.raises(DatasetFormatError, match="list.json: the top level must be a JSON object"):
+        load_coco_json_checked(json_file, tmp_path)
+
+
+def test_sections_and_entries_of_the_wrong_type_are_named(tmp_path):
+    with pytest.raises(DatasetFormatError, match="'annotations' must be a list"):
+        load_coco_json_checked(*_coco(tmp_path, annotations={"id": 1}))
+    with pytest.raises(DatasetFormatError, match=r"images\[0\] is not an object"):
+        load_coco_json_checked(*_coco(tmp_path, images=["a.png"]))
+
+
+def test_bad_image_ids_and_file_names_are_named(tmp_path):
+    images = [{"id": [10], "file_name": "a.png", "width": 40, "height": 30}]
+    with pytest.raises(DatasetFormatError, match=r"image id \[10\] must be an integer or a string"):
+        load_coco_json_checked(*_coco(tmp_path, images=images, annotations=[]))
+    images = [{"id": 10, "file_name": None, "width": 40, "height": 30}]
+    with pytest.raises(DatasetFormatError, match="image 10 has file_name None"):
+        load_coco_json_checked(*_coco(tmp_path, images=images, annotations=[]))
+    images = [{"id": 10, "file_name": "a.png", "width": 40.5, "height": 30}]
+    with pytest.raises(DatasetFormatError, match=r"a.png\) has size 40.5 x 30"):
+        load_coco_json_checked(*_coco(tmp_path, images=images, annotations=[]))
+
+
+def test_bad_annotation_ids_and_iscrowd_are_named(tmp_path):
+    annotations = [{"id": 1, "image_id": 10, "category_id": {"id": 3}, "bbox": [0, 0, 5, 5]}]
+    with pytest.raises(DatasetFormatError, match=r"must be integers or strings, got e.g. \[\{"):
+        load_coco_json_checked(*_coco(tmp_path, annotations=annotations))
+    annotations = [
+        {"id": 1, "image_id": 10, "category_id": 3, "bbox": [0, 0, 5, 5], "iscrowd": "yes"}
+    ]
+    with pytest.raises(DatasetFormatError, match=r"'iscrowd' must be 0 or 1; .*id\(s\) \[1\]"):
+        load_coco_json_checked(*_coco(tmp_path, annotations=annotations))
+
+
+def test_category_ids_given_as_strings_are_unknown_categories(tmp_path):
+    # "3" is not the category 3: a common slip when a JSON is written by hand.
+    annotations = [{"id": 1, "image_id": 10, "category_id": "3", "bbox": [0, 0, 5, 5]}]
+    with pytest.raises(DatasetFormatError, match=r"category id\(s\) \['3'\] .*known: \[3, 7\]"):
+        load_coco_json_checked(*_coco(tmp_path, annotations=annotations))
+
+
+def test_nan_and_infinity_literals_in_the_file_are_skipped_boxes(tmp_path, caplog):
+    json_file, image_root = _coco(tmp_path)
+    text = json_file.read_text().replace("[1, 2, 10, 5]", "[NaN, 2, 10, 5]")
+    json_file.write_text(text.replace("[0, 0, 40, 30]", "[0, 0, Infinity, 30]"))
+    with caplog.at_level(logging.WARNING, logger="rankdetr.data.datasets"):
+        first, second = load_coco_json_checked(json_file, image_root)
+    assert len(first["annotations"]) == 1 and second["annotations"] == []
+    assert "skipped 2 of 3 annotations" in caplog.text
+    assert "2 NaN or infinite coordinates" in caplog.text
+
+
+def test_a_box_touching_the_border_from_outside_is_skipped(tmp_path, caplog):
+    # Width > 0 but the box starts at the right edge: clipped to zero width -> outside.
+    annotations = [
+        {"id": 1, "image_id": 10, "category_id": 3, "bbox": [40, 0, 5, 5]},
+        {"id": 2, "image_id": 10, "category_id": 3, "bbox": [-9, -9, 10, 10]},
+    ]
+    with caplog.at_level(logging.WARNING, logger="rankdetr.data.datasets"):
+        first, _ = load_coco_json_checked(*_coco(tmp_path, annotations=annotations))
+    assert [a["bbox"] for a in first["annotations"]] == [[0.0, 0.0, 1.0, 1.0]]
+    assert "1 outside the image" in caplog.text and "clipped 1 of 2 boxes" in caplog.text
