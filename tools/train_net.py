@@ -11,7 +11,6 @@ a key the config does not have is refused with close matches. Without a GPU, `--
 starts N CPU processes (GLOO).
 """
 
-import logging
 import sys
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -41,6 +40,8 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     args = parse_args()
     try:
+        # Checked here too, before any process starts: a bad config is one line, exit status 1.
+        load_config(args.config_file, args.opts)
         launch(
             main,
             args.num_gpus,
@@ -50,6 +51,5 @@ if __name__ == "__main__":
             args=(args,),
         )
     except ConfigError as error:
-        logging.getLogger("rankdetr").error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -7,73 +7,54 @@ checkpoint_period, eval_period, log_period, seed, ddp).
 
 from __future__ import annotations
 
-import difflib
+import copy
 import logging
+import os
 from pathlib import Path
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
+from detectron2.data import build_detection_train_loader
 from detectron2.engine import hooks
 from detectron2.engine.defaults import default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.registry import locate
+from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 
-from rankdetr.engine.hooks import EMAHook, TrainingProgressHook
+from rankdetr.data.samplers import ResumableTrainLoader, build_resumable_train_loader
+from rankdetr.engine.checkpoint import SafeCheckpointer
+from rankdetr.engine.config_checks import (
+    ConfigError,
+    apply_checked_overrides,
+    check_override_keys,
+)
+from rankdetr.engine.hooks import EMAHook, SeedHook, TrainingProgressHook
 from rankdetr.engine.trainer import RankDETRTrainer
 
-__all__ = ["ConfigError", "load_config", "build_model", "do_test", "do_train", "resolve_device"]
+__all__ = [
+    "ConfigError",
+    "check_override_keys",
+    "load_config",
+    "build_model",
+    "do_test",
+    "do_train",
+    "resolve_device",
+]
 
 logger = logging.getLogger("rankdetr")
 
 
-class ConfigError(KeyError):
-    """A config or override that cannot work; the message names the key."""
-
-    def __str__(self) -> str:  # KeyError would print the message in quotes
-        return str(self.args[0])
-
-
 def load_config(config_file: str, overrides: list[str]) -> DictConfig:
-    """LazyConfig.load + overrides, refusing overrides of keys the config does not have."""
+    """LazyConfig.load + overrides, refusing a missing file, overrides of keys the config does
+    not have (with close matches) and values of the wrong type (see
+    :mod:`rankdetr.engine.config_checks`). Every problem is a ConfigError naming it."""
     if not Path(config_file).is_file():
         raise ConfigError(f"config file not found: {config_file}")
     cfg = LazyConfig.load(config_file)
-    check_override_keys(cfg, overrides)
-    return LazyConfig.apply_overrides(cfg, overrides)
-
-
-def _all_keys(node, prefix: str = "") -> list[str]:
-    keys = []
-    if isinstance(node, DictConfig):
-        for key in node:
-            path = f"{prefix}{key}"
-            keys.append(path)
-            keys += _all_keys(node._get_node(key), path + ".")
-    elif isinstance(node, ListConfig):
-        for index in range(len(node)):
-            keys += _all_keys(node._get_node(index), f"{prefix}{index}.")
-    return keys
-
-
-def check_override_keys(cfg: DictConfig, overrides: list[str]) -> None:
-    """Raise KeyError naming an overridden key that the config lacks, with close matches.
-
-    A leading "+" (hydra's syntax for adding a key) skips the check for that override.
-    """
-    known = None
-    for override in overrides:
-        key = override.split("=", 1)[0].strip()
-        if key.startswith(("+", "~")):
-            continue
-        if OmegaConf.select(cfg, key, default="__missing__") != "__missing__":
-            continue
-        known = known or _all_keys(cfg)
-        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-        hint = f"; close matches: {', '.join(close)}" if close else ""
-        raise ConfigError(f"config has no key {key!r} (from override {override!r}){hint}")
+    return apply_checked_overrides(cfg, overrides)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -123,12 +104,60 @@ def _wrap_ddp(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids, **cfg.train.get("ddp", {}))
 
 
+def _seed_everything(cfg: DictConfig) -> int:
+    """The run's seed: train.seed when >= 0 (then torch, NumPy and Python are seeded with
+    seed + rank right away, so the model's initialisation repeats), else a random seed shared by
+    all processes. A resumed run replaces it with the seed of its checkpoint (SeedHook)."""
+    seed = int(cfg.train.get("seed", -1))
+    if seed < 0:
+        return int(comm.shared_random_seed())
+    seed_all_rng(seed + comm.get_rank())
+    return seed
+
+
+def _set_deterministic(enabled: bool) -> None:
+    """train.deterministic: refuse nondeterministic torch kernels (an error names the op)."""
+    if not enabled:
+        return
+    # cuBLAS needs this before its first call to be deterministic (no effect on the CPU).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def _build_train_loader(cfg: DictConfig, seed: int):
+    """cfg.dataloader.train, with detectron2's build_detection_train_loader replaced by
+    build_resumable_train_loader (same arguments) so that a resumed run sees the same data."""
+    node = cfg.dataloader.train
+    target = locate(node._target_) if isinstance(node._target_, str) else node._target_
+    if target not in (build_detection_train_loader, build_resumable_train_loader):
+        logger.warning(
+            "dataloader.train builds its loader with %s: a resumed run will not see the same "
+            "data as an uninterrupted one (use rankdetr.data.samplers."
+            "build_resumable_train_loader)",
+            getattr(target, "__qualname__", target),
+        )
+        return instantiate(node)
+    node = copy.deepcopy(node)
+    node._target_ = build_resumable_train_loader
+    node.seed = seed
+    return instantiate(node)
+
+
 def do_train(cfg: DictConfig, resume: bool = False) -> dict:
-    """Train cfg.model as configured; returns the last evaluation's results."""
+    """Train cfg.model as configured; returns the last evaluation's results.
+
+    With resume=True, training continues from the newest complete checkpoint in
+    train.output_dir (weights, optimizer, iteration, LR schedule, EMA, seed and data position),
+    and ends with the weights an uninterrupted run would have (CPU, train.deterministic).
+    """
+    seed = _seed_everything(cfg)
+    _set_deterministic(cfg.train.get("deterministic", False))
     model = build_model(cfg)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
-    train_loader = instantiate(cfg.dataloader.train)
+    train_loader = _build_train_loader(cfg, seed)
     ddp_model = _wrap_ddp(model, cfg)
     trainer = RankDETRTrainer(
         ddp_model,
@@ -138,7 +167,7 @@ def do_train(cfg: DictConfig, resume: bool = False) -> dict:
         amp=cfg.train.get("amp"),
         clip_grad_norm=cfg.train.get("clip_grad_norm"),
     )
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     ema = EMAHook(model, cfg.train.ema.decay) if cfg.train.get("ema", {}).get("enabled") else None
 
     def evaluate():
@@ -147,11 +176,13 @@ def do_train(cfg: DictConfig, resume: bool = False) -> dict:
                 return do_test(cfg, model)
         return do_test(cfg, model)
 
+    resumable = isinstance(train_loader, ResumableTrainLoader)
     trainer.register_hooks(
         [
+            SeedHook(seed, train_loader if resumable else None),
             hooks.IterationTimer(),
             TrainingProgressHook(model),
-            ema,
+            ema,  # before the checkpointer: a checkpoint holds the average of its iteration
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             (
                 hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
@@ -169,7 +200,10 @@ def do_train(cfg: DictConfig, resume: bool = False) -> dict:
             ),
         ]
     )
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
-    start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    resuming = resume and checkpointer.has_checkpoint()
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resuming)
+    # The LR scheduler is built in before_train from the resumed iteration (its last_iter), and
+    # the SeedHook starts the data stream there.
+    start_iter = trainer.iter + 1 if resuming else 0
     trainer.train(start_iter, cfg.train.max_iter)
     return trainer.storage.latest() if hasattr(trainer, "storage") else {}
