@@ -1,5 +1,5 @@
-"""Evaluation as --eval-only runs it (runner.do_test) gives pycocotools' own numbers on the
-predictions it dumps."""
+"""Evaluation as --eval-only runs it (runner.do_test) gives pycocotools' own AP and AR numbers on
+the predictions it dumps, and the oLRP of an independent implementation."""
 
 import json
 from pathlib import Path
@@ -7,12 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 from detectron2.data import MetadataCatalog
+from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.structures import Boxes, Instances
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from rankdetr.data import register_shapes_dataset
 from rankdetr.engine.runner import do_test, load_config
+from rankdetr.evaluation import RankDETRCOCOEvaluator, ranking_metrics
+from tests.evaluation.test_olrp import brute_force_olrp
 
 DEMO = str(Path(__file__).resolve().parents[2] / "configs" / "demo" / "rank_detr_r18_shapes.py")
 
@@ -63,5 +66,30 @@ def test_do_test_matches_pycocotools_on_the_dumped_predictions(tmp_path):
     evaluation.evaluate()
     evaluation.accumulate()
     evaluation.summarize()
-    for index, name in enumerate(["AP", "AP50", "AP75", "APs", "APm"]):
-        assert results[name] == pytest.approx(evaluation.stats[index] * 100, abs=1e-6), name
+    names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+    for index, name in enumerate(names):
+        if evaluation.stats[index] < 0:  # e.g. no large shapes: pycocotools writes -1
+            assert results[name] != results[name], name
+        else:
+            assert results[name] == pytest.approx(evaluation.stats[index] * 100, abs=1e-6), name
+    assert 10 < results["AR100"] < 100
+
+    assert not any(a["iscrowd"] for a in gt.anns.values())  # the brute force ignores crowds
+    gts = [(a["image_id"], a["category_id"], a["bbox"]) for a in gt.anns.values()]
+    dets = [(p["image_id"], p["category_id"], p["bbox"], p["score"]) for p in predictions]
+    expected = brute_force_olrp(gts, dets, classes=gt.getCatIds())
+    for name, value in zip(["oLRP", "oLRP_Loc", "oLRP_FP", "oLRP_FN"], expected):
+        assert results[name] == pytest.approx(value * 100, abs=1e-6), name
+    assert 10 < results["oLRP"] < 95
+
+    # How EvalHook hands them to metrics.json during training.
+    assert {"bbox/AR1", "bbox/ARl", "bbox/oLRP", "bbox/oLRP_FN"} <= set(
+        flatten_results_dict({"bbox": results})
+    )
+
+
+def test_fast_impl_is_refused_and_no_predictions_give_nan():
+    with pytest.raises(ValueError, match="use_fast_impl=False"):
+        RankDETRCOCOEvaluator("shapes_val", use_fast_impl=True)
+    values = ranking_metrics(None)
+    assert len(values) == 10 and all(v != v for v in values.values())

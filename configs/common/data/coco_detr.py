@@ -11,10 +11,10 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-from detectron2.evaluation import COCOEvaluator
 from omegaconf import OmegaConf
 
 from rankdetr.data.mapper import DetrDatasetMapper
+from rankdetr.evaluation import RankDETRCOCOEvaluator
 
 dataloader = OmegaConf.create()
 
@@ -38,7 +38,8 @@ dataloader.test = L(build_detection_test_loader)(
     num_workers=4,
 )
 
-# detectron2's fast evaluator needs its C++ ops; the Python one gives the same numbers.
-dataloader.evaluator = L(COCOEvaluator)(
+# COCO AP plus the paper's AR and oLRP columns. oLRP needs pycocotools' own (Python) COCOeval;
+# detectron2's fast evaluator also needs C++ ops we don't build.
+dataloader.evaluator = L(RankDETRCOCOEvaluator)(
     dataset_name="${..test.dataset.names}", use_fast_impl=False, output_dir=None
 )
