@@ -7,7 +7,8 @@
 Each distinct flag combination of the chosen sub-tables trains once (tools/train_net.py in its own
 process, with `model.rank.*` overrides and the extra overrides after `--`) into
 `<output-dir>/<flags>/`; a combination whose run already finished is not trained again. The
-tables are printed and written to `<output-dir>/table4.md`.
+tables (AP, AR and oLRP columns as in the paper; "—" where a run lacks a metric) are printed and
+written to `<output-dir>/table4.md`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ TABLES = {
     "c": ("Effect of removing each module in our method",
           [(1, 1, 1, 1), (0, 1, 1, 1), (1, 0, 1, 1), (1, 1, 0, 1), (1, 1, 1, 0)]),
 }  # fmt: skip
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# The paper's columns, as RankDETRCOCOEvaluator writes them to metrics.json ("bbox/<name>").
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+           "oLRP", "oLRP_Loc", "oLRP_FP", "oLRP_FN")  # fmt: skip
 TRAIN_NET = Path(__file__).resolve().parent / "train_net.py"
 
 
@@ -40,7 +43,8 @@ def run_name(flags: tuple[int, ...]) -> str:
 
 
 def final_metrics(output_dir: Path) -> dict | None:
-    """The last COCO bbox results written to output_dir/metrics.json, or None."""
+    """The last COCO bbox results written to output_dir/metrics.json, or None. A metric the run
+    did not record (AR and oLRP in runs from before they were evaluated) is None."""
     metrics_file = output_dir / "metrics.json"
     if not metrics_file.is_file():
         return None

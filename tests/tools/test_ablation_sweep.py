@@ -24,27 +24,45 @@ def test_table4_rows_are_the_papers(sweep):
     assert sweep.run_name((1, 0, 1, 0)) == "rch_gcl" and sweep.run_name((0, 0, 0, 0)) == "none"
 
 
+def write_metrics(output_dir, record):
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.json").write_text(
+        json.dumps({"iteration": 9}) + "\n" + json.dumps(record) + "\n"
+    )
+
+
+def test_table_has_the_papers_columns(sweep):
+    assert sweep.METRICS == ("AP", "AP50", "AP75", "APs", "APm", "APl",
+                             "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+                             "oLRP", "oLRP_Loc", "oLRP_FP", "oLRP_FN")  # fmt: skip
+
+
 def test_runs_are_trained_once_and_tabulated(sweep, tmp_path, monkeypatch, capsys):
     trained = []
 
     def fake_train(config_file, flags, output_dir, extra):
         trained.append((flags, extra))
-        output_dir.mkdir(parents=True, exist_ok=True)
-        record = {f"bbox/{m}": 10.0 * sum(flags) + i for i, m in enumerate(sweep.METRICS)}
-        (output_dir / "metrics.json").write_text(
-            json.dumps({"iteration": 9}) + "\n" + json.dumps(record) + "\n"
-        )
+        write_metrics(output_dir, {f"bbox/{m}": 10.0 * sum(flags) + i
+                                   for i, m in enumerate(sweep.METRICS)})  # fmt: skip
 
+    # A baseline run from before AR and oLRP were evaluated: reused, its missing columns "—".
+    old_metrics = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    write_metrics(tmp_path / "none", {f"bbox/{m}": float(i) for i, m in enumerate(old_metrics)})
     monkeypatch.setattr(sweep, "train", fake_train)
     argv = ["ablation_sweep.py", "--config-file", "cfg.py", "--tables", "a", "c",
             "--output-dir", str(tmp_path), "train.max_iter=5"]  # fmt: skip
     monkeypatch.setattr("sys.argv", argv)
     assert sweep.main() == 0
-    # (a) and (c) share the full model and the model without HMC: 8 distinct runs.
-    assert len(trained) == 8 and all(extra == ["train.max_iter=5"] for _, extra in trained)
+    # (a) and (c) share the full model and the model without HMC: 8 distinct runs, 1 done already.
+    assert len(trained) == 7 and all(extra == ["train.max_iter=5"] for _, extra in trained)
+    assert (0, 0, 0, 0) not in [flags for flags, _ in trained]
     table = (tmp_path / "table4.md").read_text()
-    assert "| ✓ | ✓ | ✓ | ✓ | 40.0 | 41.0 | 42.0 | 43.0 | 44.0 | 45.0 |" in table
-    assert "| ✗ | ✗ | ✗ | ✗ | 0.0 |" in table and "(c) Effect of removing" in table
+    header = "| RCH | QRL | GCL | HMC | AP | AP50 | AP75 | APs | APm | APl | AR1 | AR10 | AR100 "
+    assert header + "| ARs | ARm | ARl | oLRP | oLRP_Loc | oLRP_FP | oLRP_FN |" in table
+    full = " | ".join(f"{40.0 + i:.1f}" for i in range(16))
+    assert f"| ✓ | ✓ | ✓ | ✓ | {full} |" in table
+    assert "| ✗ | ✗ | ✗ | ✗ | 0.0 | 1.0 | 2.0 | 3.0 | 4.0 | 5.0 |" + " — |" * 10 in table
+    assert "(c) Effect of removing" in table
     # A second sweep finds every run finished and trains nothing.
     trained.clear()
     assert sweep.main() == 0 and trained == []
