@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from detectron2.modeling.backbone import BasicStem, ResNet
+from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
 from torch import nn
 
 __all__ = ["ResNetBackbone", "TimmBackbone"]
@@ -27,6 +28,7 @@ class ResNetBackbone(ResNet):
         freeze_at: int = 1,
         norm: str = "FrozenBN",
         stride_in_1x1: bool = False,
+        width: int = 64,
     ):
         """
         Args:
@@ -36,14 +38,16 @@ class ResNetBackbone(ResNet):
             norm: detectron2 norm name ("FrozenBN", "BN", "SyncBN", "GN", ...).
             stride_in_1x1: stride in the 1x1 conv of bottlenecks (MSRA weights) rather than the
                 3x3 (torchvision weights, the default here as in the release).
+            width: channels of the stem; every stage's channels scale with it (64: the standard
+                ResNet; 32 quarters the convolution cost, for small models trained from scratch).
         """
         if depth not in (18, 34, 50, 101, 152):
             raise ValueError(f"ResNet depth must be one of 18, 34, 50, 101, 152, got {depth}")
         block_kwargs = {"norm": norm}
         if depth >= 50:
             block_kwargs["stride_in_1x1"] = stride_in_1x1
-        stages = ResNet.make_default_stages(depth, **block_kwargs)
-        stem = BasicStem(in_channels=3, out_channels=64, norm=norm)
+        stages = _resnet_stages(depth, width, block_kwargs)
+        stem = BasicStem(in_channels=3, out_channels=width, norm=norm)
         super().__init__(stem, stages, out_features=list(out_features), freeze_at=freeze_at)
         self.out_channels = [self._out_feature_channels[name] for name in out_features]
         self.strides = [self._out_feature_strides[name] for name in out_features]
@@ -52,6 +56,29 @@ class ResNetBackbone(ResNet):
         """(N, 3, H, W) normalised images -> maps (N, C_i, H / s_i, W / s_i), finest first."""
         features = super().forward(images)
         return [features[name] for name in self._out_features]
+
+
+def _resnet_stages(depth: int, width: int, block_kwargs: dict) -> list[list[nn.Module]]:
+    """detectron2's default stages for `depth`, with every channel count scaled by width / 64."""
+    if width == 64:
+        return ResNet.make_default_stages(depth, **block_kwargs)
+    if width <= 0 or width % 8:
+        raise ValueError(f"ResNet width must be a positive multiple of 8, got {width}")
+    blocks = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3],
+              152: [3, 8, 36, 3]}[depth]  # fmt: skip
+    expansion = 1 if depth < 50 else 4
+    out_channels = [width * expansion * 2**i for i in range(4)]
+    in_channels = [width] + out_channels[:-1]
+    block_class = BasicBlock if depth < 50 else BottleneckBlock
+    stages = []
+    for num_blocks, stride, c_in, c_out in zip(blocks, [1, 2, 2, 2], in_channels, out_channels):
+        if depth >= 50:
+            block_kwargs = {**block_kwargs, "bottleneck_channels": c_out // 4}
+        stages.append(ResNet.make_stage(block_class=block_class, num_blocks=num_blocks,
+                                        stride_per_block=[stride] + [1] * (num_blocks - 1),
+                                        in_channels=c_in, out_channels=c_out,
+                                        **block_kwargs))  # fmt: skip
+    return stages
 
 
 class TimmBackbone(nn.Module):
