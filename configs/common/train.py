@@ -7,6 +7,11 @@ train = dict(
     device="auto",  # "auto": cuda when available, else cpu
     amp=None,  # None, "bf16" or "fp16" (fp16 needs CUDA); the forward runs under autocast
     clip_grad_norm=0.1,
+    # A NaN / infinite loss term: "error" stops naming the terms and the iteration (no checkpoint
+    # is written from that step); "skip" skips its optimizer step and counts it
+    # ("nonfinite_skips" in the metrics). With DDP all processes decide alike.
+    nonfinite_loss="error",
+    max_nonfinite_skips=None,  # "skip" mode: stop after this many consecutive skips; None: never
     ema=dict(enabled=False, decay=0.9998, evaluate_average=True),
     checkpointer=dict(period=5000, max_to_keep=100),
     eval_period=5000,

@@ -166,6 +166,8 @@ def do_train(cfg: DictConfig, resume: bool = False) -> dict:
         device_type=resolve_device(cfg.train.device).type,
         amp=cfg.train.get("amp"),
         clip_grad_norm=cfg.train.get("clip_grad_norm"),
+        nonfinite_loss=cfg.train.get("nonfinite_loss", "error"),
+        max_nonfinite_skips=cfg.train.get("max_nonfinite_skips"),
     )
     checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     ema = EMAHook(model, cfg.train.ema.decay) if cfg.train.get("ema", {}).get("enabled") else None

@@ -1,15 +1,37 @@
-"""The training step: forward under autocast, backward (with a GradScaler for fp16), gradient
-clipping, optimiser step. Everything else (LR schedule, HMC switch, EMA, checkpoints, evaluation,
-logging) is a hook."""
+"""The training step: forward under autocast, a check that every loss term is finite, backward
+(with a GradScaler for fp16), gradient clipping, optimiser step. Everything else (LR schedule,
+HMC switch, EMA, checkpoints, evaluation, logging) is a hook.
+
+Non-finite losses (`train.nonfinite_loss`):
+
+* "error" (default): the step raises :class:`NonFiniteLossError` naming the non-finite terms and
+  the iteration, before backward and before the optimiser step. The hooks' after_step does not
+  run for it, so no checkpoint is written from the bad step: the newest checkpoint is the last
+  good one.
+* "skip": no backward and no optimiser step for that iteration (the weights stay as they were);
+  the count of skipped steps is logged and written to the event storage as "nonfinite_skips".
+  With `train.max_nonfinite_skips` = n, n consecutive skips raise NonFiniteLossError.
+
+With DDP every process must take the same decision (a process that skips backward while the
+others run it would wait forever in DDP's gradient all-reduce), so the per-term non-finite flags
+are summed over processes (all_reduce) before anything is decided: a term that is non-finite in
+any process is non-finite for all.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
+import torch.distributed as dist
 from detectron2.engine import SimpleTrainer
 
-__all__ = ["RankDETRTrainer", "autocast_dtype"]
+__all__ = ["NONFINITE_LOSS_MODES", "NonFiniteLossError", "RankDETRTrainer", "autocast_dtype"]
+
+logger = logging.getLogger(__name__)
+
+NONFINITE_LOSS_MODES = ("error", "skip")
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -23,8 +45,12 @@ def autocast_dtype(amp: str | None) -> torch.dtype | None:
     return _AMP_DTYPES[amp]
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; the message names the terms and the iteration."""
+
+
 class RankDETRTrainer(SimpleTrainer):
-    """SimpleTrainer with mixed precision and gradient clipping."""
+    """SimpleTrainer with mixed precision, gradient clipping and a non-finite loss policy."""
 
     def __init__(
         self,
@@ -35,6 +61,8 @@ class RankDETRTrainer(SimpleTrainer):
         device_type: str = "cpu",
         amp: str | None = None,
         clip_grad_norm: float | None = 0.1,
+        nonfinite_loss: str = "error",
+        max_nonfinite_skips: int | None = None,
     ):
         """
         Args:
@@ -44,6 +72,9 @@ class RankDETRTrainer(SimpleTrainer):
             device_type: "cpu" or "cuda", for autocast.
             amp: "bf16", "fp16" (CUDA; uses a GradScaler) or None.
             clip_grad_norm: max gradient norm, or None for no clipping.
+            nonfinite_loss: "error" or "skip", what a NaN / infinite loss term does (module doc).
+            max_nonfinite_skips: in "skip" mode, stop with an error after this many consecutive
+                skipped steps; None never stops.
         """
         super().__init__(model, data_loader, optimizer)
         self.device_type = device_type
@@ -52,6 +83,19 @@ class RankDETRTrainer(SimpleTrainer):
             raise ValueError("train.amp='fp16' needs CUDA; use 'bf16' on the CPU")
         self.grad_scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.clip_grad_norm = clip_grad_norm
+        if nonfinite_loss not in NONFINITE_LOSS_MODES:
+            raise ValueError(
+                f"train.nonfinite_loss must be 'error' or 'skip', got {nonfinite_loss!r}"
+            )
+        if max_nonfinite_skips is not None and max_nonfinite_skips < 1:
+            raise ValueError(
+                f"train.max_nonfinite_skips must be a positive int or None, got "
+                f"{max_nonfinite_skips!r}"
+            )
+        self.nonfinite_loss = nonfinite_loss
+        self.max_nonfinite_skips = max_nonfinite_skips
+        self.nonfinite_skips = 0  # skipped steps in this run
+        self.consecutive_nonfinite_skips = 0
 
     def run_step(self):
         assert self.model.training, "the model was switched to eval mode during training"
@@ -63,6 +107,11 @@ class RankDETRTrainer(SimpleTrainer):
                             enabled=self.amp_dtype is not None):  # fmt: skip
             loss_dict = self.model(data)
         losses = sum(loss_dict.values())
+        bad_terms = nonfinite_terms(loss_dict)
+        if bad_terms:
+            self._on_nonfinite_loss(bad_terms, loss_dict)
+            return
+        self.consecutive_nonfinite_skips = 0
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.grad_scaler is not None:
@@ -80,6 +129,33 @@ class RankDETRTrainer(SimpleTrainer):
         else:
             self.optimizer.step()
 
+    def _on_nonfinite_loss(self, bad_terms: list[str], loss_dict: dict) -> None:
+        """Raise (mode "error", or too many consecutive skips) or count a skipped step."""
+        values = ", ".join(
+            f"{name}={loss_dict[name].detach().float().mean().item():g}" for name in bad_terms
+        )
+        where = f"non-finite loss at iteration {self.iter}: {values}"
+        if self.nonfinite_loss == "error":
+            raise NonFiniteLossError(
+                f"{where} (train.nonfinite_loss='skip' skips such steps instead)"
+            )
+        self.nonfinite_skips += 1
+        self.consecutive_nonfinite_skips += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.storage.put_scalar("nonfinite_skips", self.nonfinite_skips, smoothing_hint=False)
+        logger.warning(
+            "%s; optimizer step skipped (%d skipped so far, %d in a row)",
+            where,
+            self.nonfinite_skips,
+            self.consecutive_nonfinite_skips,
+        )
+        limit = self.max_nonfinite_skips
+        if limit is not None and self.consecutive_nonfinite_skips >= limit:
+            raise NonFiniteLossError(
+                f"{where}; {self.consecutive_nonfinite_skips} consecutive steps had non-finite "
+                f"losses (train.max_nonfinite_skips={limit}), stopping"
+            )
+
     def state_dict(self):
         state = super().state_dict()
         if self.grad_scaler is not None:
@@ -90,3 +166,16 @@ class RankDETRTrainer(SimpleTrainer):
         super().load_state_dict(state_dict)
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+
+
+def nonfinite_terms(loss_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the loss terms that are NaN or infinite in this process or, with DDP, in any
+    process (the flags are summed over processes, so that every process gets the same list)."""
+    if not loss_dict:
+        return []
+    names = list(loss_dict)
+    flags = torch.stack([~torch.isfinite(loss_dict[name].detach()).all() for name in names])
+    flags = flags.to(torch.int32)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flags)  # on the losses' device: NCCL needs CUDA tensors
+    return [name for name, flag in zip(names, flags.tolist()) if flag]
