@@ -1,0 +1,282 @@
+"""Inference on single images from a LazyConfig and a checkpoint, without a dataset.
+
+    from rankdetr import Predictor
+
+    predictor = Predictor("configs/demo/rank_detr_r18_shapes.py", "output/demo/model_final.pth",
+                          score_threshold=0.3)
+    result = predictor("image.png")          # or an (H, W, 3) uint8 RGB numpy array
+    result.boxes, result.scores, result.classes, result.class_names
+
+Images go through the config's test transform (`dataloader.test.mapper`: shorter side to
+`test_size`, longer side at most `max_size`) and the channel order the model was trained with
+(the mapper's `image_format`); boxes come back in the pixels of the image as given.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from detectron2.config import instantiate
+from detectron2.data import MetadataCatalog
+from detectron2.data import transforms as T
+from omegaconf import DictConfig, OmegaConf
+
+import rankdetr.data  # noqa: F401  (registers the bundled datasets that configs name)
+from rankdetr.checkpoint.backbone_weights import CheckpointError, read_weights_file
+from rankdetr.data.image_io import ImageReadError, read_image
+from rankdetr.engine.config_checks import ConfigError, apply_checked_overrides
+from rankdetr.engine.runner import build_model, load_config
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "ImageReadError",
+    "Prediction",
+    "Predictor",
+    "as_rgb_image",
+    "load_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    """Detections of one image, in the pixels of the image as given (not the resized one).
+
+    Attributes:
+        boxes: (N, 4) float32 XYXY boxes.
+        scores: (N,) float32 scores, highest first.
+        classes: (N,) int64 contiguous class indices.
+        class_names: N names, the name of each detection's class.
+        image_size: (height, width) of the image.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    classes: np.ndarray
+    class_names: list[str] = field(default_factory=list)
+    image_size: tuple[int, int] = (0, 0)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def as_rgb_image(image: np.ndarray | str | Path) -> np.ndarray:
+    """A path or an array -> (H, W, 3) uint8 RGB array.
+
+    Arrays must be uint8: (H, W) or (H, W, 1) grayscale (repeated to 3 channels), (H, W, 3) RGB,
+    or (H, W, 4) RGBA (alpha dropped). Files are read with rankdetr's reader (any PIL format,
+    EXIF orientation applied). Raises FileNotFoundError / ImageReadError naming a bad file,
+    TypeError / ValueError describing a bad array.
+    """
+    if isinstance(image, (str, Path)):
+        return read_image(image, "RGB")
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"image must be a numpy array or a path, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise TypeError(f"image array must be uint8 (0-255), got {image.dtype}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got "
+                         f"{image.shape}")  # fmt: skip
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"image array is empty: {image.shape}")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def load_checkpoint(model: torch.nn.Module, checkpoint: str | Path) -> None:
+    """Load a rankdetr checkpoint ({"model": state_dict} or a bare state dict) strictly.
+
+    Read with `weights_only=True` (no code in the file runs). Raises FileNotFoundError for a
+    missing file and CheckpointError naming the file when it is unreadable or does not fit.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = read_weights_file(path)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {error}") from error
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {_first(result.missing_keys)}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected {_first(result.unexpected_keys)}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model built from the config (wrong config?): "
+            + "; ".join(problems)
+        )
+
+
+def _first(keys: list[str], count: int = 5) -> str:
+    more = f" and {len(keys) - count} more" if len(keys) > count else ""
+    return ", ".join(keys[:count]) + more
+
+
+class Predictor:
+    """A detector built from a LazyConfig and a checkpoint, applied to images.
+
+    `predictor(image)` -> :class:`Prediction`; `predictor.predict_batch(images)` -> a list.
+    Images are (H, W, 3) uint8 RGB numpy arrays (grayscale and RGBA arrays are converted) or
+    image file paths.
+    """
+
+    def __init__(
+        self,
+        config_file_or_cfg: str | Path | DictConfig,
+        checkpoint: str | Path,
+        device: str = "cpu",
+        score_threshold: float = 0.0,
+        overrides: Sequence[str] = (),
+    ):
+        """
+        Args:
+            config_file_or_cfg: a LazyConfig file or an already loaded config (not modified).
+                Needs `model` and `dataloader.test.mapper`; `model.num_classes` may be None
+                (taken from the dataset named by `dataloader.train.dataset.names`).
+            checkpoint: weights file (see :func:`load_checkpoint`).
+            device: "cpu", "cuda", "cuda:1" or "auto" (cuda when available).
+            score_threshold: detections scoring below it are dropped.
+            overrides: "key=value" config overrides, checked against the config's keys.
+        """
+        self.cfg = _load(config_file_or_cfg, list(overrides))
+        self.device = _resolve_device(device)
+        self.score_threshold = float(score_threshold)
+        self.augmentations, self.image_format = _test_transform(self.cfg)
+        self.thing_classes = _class_names(self.cfg)
+        self.model = self._build_model()
+        load_checkpoint(self.model, checkpoint)
+        self.model.eval()
+
+    def _build_model(self) -> torch.nn.Module:
+        if self.cfg.model.get("num_classes") is None:
+            self.cfg.model.num_classes = len(_train_classes(self.cfg))
+        if len(self.thing_classes) != self.cfg.model.num_classes:
+            raise ConfigError(
+                f"the model has {self.cfg.model.num_classes} classes but the test dataset "
+                f"{_dataset_name(self.cfg.dataloader.test)!r} names {len(self.thing_classes)}"
+            )
+        self.cfg.train.device = str(self.device)
+        return build_model(self.cfg)
+
+    def __call__(self, image: np.ndarray | str | Path) -> Prediction:
+        """Detect objects in one image (see :class:`Predictor` for the accepted inputs)."""
+        return self.predict_batch([image])[0]
+
+    @torch.no_grad()
+    def predict_batch(
+        self, images: Sequence[np.ndarray | str | Path], batch_size: int = 4
+    ) -> list[Prediction]:
+        """Detect objects in several images, `batch_size` at a time (padded to a common size)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        rgb_images = [as_rgb_image(image) for image in images]
+        predictions = []
+        for start in range(0, len(rgb_images), batch_size):
+            inputs = [self.model_input(image) for image in rgb_images[start : start + batch_size]]
+            outputs = self.model(inputs)
+            predictions += [self._to_prediction(output["instances"]) for output in outputs]
+        return predictions
+
+    def model_input(self, image: np.ndarray) -> dict:
+        """(H, W, 3) uint8 RGB -> the model's input dict: resized (3, H', W') uint8 image in the
+        model's channel order, and the original height and width to scale the boxes back to."""
+        height, width = image.shape[:2]
+        augmented = T.AugInput(image)
+        T.AugmentationList(self.augmentations)(augmented)
+        resized = augmented.image
+        if self.image_format == "BGR":
+            resized = resized[:, :, ::-1]
+        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        return {"image": tensor, "height": height, "width": width}
+
+    def _to_prediction(self, instances) -> Prediction:
+        instances = instances.to("cpu")
+        keep = instances.scores >= self.score_threshold
+        classes = instances.pred_classes[keep].numpy().astype(np.int64)
+        return Prediction(
+            boxes=instances.pred_boxes.tensor[keep].numpy().astype(np.float32),
+            scores=instances.scores[keep].numpy().astype(np.float32),
+            classes=classes,
+            class_names=[self.thing_classes[c] for c in classes],
+            image_size=tuple(instances.image_size),
+        )
+
+
+def _load(config_file_or_cfg, overrides: list[str]) -> DictConfig:
+    """A config file or a config -> a private, overridden copy, checked for what inference needs."""
+    if isinstance(config_file_or_cfg, (str, Path)):
+        cfg = load_config(str(config_file_or_cfg), overrides)
+        source = str(config_file_or_cfg)
+    elif isinstance(config_file_or_cfg, DictConfig):
+        cfg = apply_checked_overrides(copy.deepcopy(config_file_or_cfg), overrides)
+        source = "the given config"
+    else:
+        raise TypeError(f"expected a config file path or a DictConfig, got "
+                        f"{type(config_file_or_cfg).__name__}")  # fmt: skip
+    for key in ("model", "dataloader.test.mapper"):
+        if OmegaConf.select(cfg, key) is None:
+            raise ConfigError(f"{source} has no {key!r}: the predictor needs the model and the "
+                              "test mapper (its resize and image format)")  # fmt: skip
+    if "train" not in cfg:
+        cfg.train = {}
+    return cfg
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for but no CUDA GPU is available; use 'cpu'")
+    return resolved
+
+
+def _test_transform(cfg: DictConfig) -> tuple[list, str]:
+    """The test mapper's augmentations (resize) and image format ("RGB" or "BGR")."""
+    mapper = instantiate(cfg.dataloader.test.mapper)
+    augmentations = getattr(mapper, "augmentations", None)
+    if augmentations is None:
+        raise ConfigError(f"dataloader.test.mapper ({type(mapper).__name__}) has no "
+                          "`augmentations` to resize the images with")  # fmt: skip
+    return list(augmentations), getattr(mapper, "image_format", "RGB")
+
+
+def _dataset_name(loader_cfg: DictConfig) -> str | None:
+    names = OmegaConf.select(loader_cfg, "dataset.names")
+    if names is None or isinstance(names, str):
+        return names
+    return names[0]
+
+
+def _thing_classes(name: str | None, key: str) -> list[str]:
+    if name is None:
+        raise ConfigError(f"the config has no {key}: cannot tell the class names")
+    classes = MetadataCatalog.get(name).get("thing_classes")
+    if not classes:
+        raise ConfigError(f"dataset {name!r} (from {key}) has no class names (thing_classes) in "
+                          "its metadata: register it before building the predictor")  # fmt: skip
+    return list(classes)
+
+
+def _train_classes(cfg: DictConfig) -> list[str]:
+    return _thing_classes(_dataset_name(cfg.dataloader.train), "dataloader.train.dataset.names")
+
+
+def _class_names(cfg: DictConfig) -> list[str]:
+    """The test dataset's class names; the training dataset's when the config has no test names."""
+    if _dataset_name(cfg.dataloader.test) is None and "train" in cfg.dataloader:
+        return _train_classes(cfg)
+    return _thing_classes(_dataset_name(cfg.dataloader.test), "dataloader.test.dataset.names")
