@@ -1,0 +1,96 @@
+"""tools/demo.py: inputs (files, directories, globs), drawn PNGs, and bad inputs reported."""
+
+import importlib.util
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rankdetr.predictor import Prediction
+from tests.conftest import REPO_ROOT
+from tests.test_predictor import DEMO_CONFIG, TINY_OVERRIDES, save_tiny_checkpoint
+
+TOOL = REPO_ROOT / "tools" / "demo.py"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    spec = importlib.util.spec_from_file_location("demo_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_image(path, height, width, seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def test_end_to_end_writes_drawn_pngs_and_reports_the_unreadable_image(tmp_path):
+    save_tiny_checkpoint(tmp_path / "tiny.pth")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "glob").mkdir()
+    first = write_image(tmp_path / "dir" / "a.png", 60, 90)
+    write_image(tmp_path / "dir" / "b.jpg", 80, 70, seed=1)
+    (tmp_path / "dir" / "notes.txt").write_text("not an image")
+    write_image(tmp_path / "glob" / "c.png", 70, 70, seed=2)
+    (tmp_path / "glob" / "broken.png").write_bytes(b"\x89PNG broken")
+    result = subprocess.run(
+        [sys.executable, str(TOOL), "--config-file", DEMO_CONFIG,
+         "--checkpoint", str(tmp_path / "tiny.pth"),
+         "--input", str(tmp_path / "dir"), str(tmp_path / "glob" / "*.png"),
+         "--output", str(tmp_path / "out"), "--score-threshold", "0", *TINY_OVERRIDES],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "broken.png" in result.stderr and "1 of 4" in result.stderr
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["a.png", "b.png", "c.png"]
+    drawn = np.asarray(Image.open(tmp_path / "out" / "a.png").convert("RGB"))
+    assert drawn.shape == first.shape  # drawn on the image as given, not the resized one
+    assert (drawn != first).any(axis=2).mean() > 0.01  # boxes and labels were drawn
+
+
+def test_missing_checkpoint_and_no_inputs_fail_with_a_message(demo, tmp_path, capsys):
+    write_image(tmp_path / "a.png", 40, 40)
+    argv = ["--config-file", DEMO_CONFIG, "--checkpoint", str(tmp_path / "absent.pth"),
+            "--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "out")]  # fmt: skip
+    assert demo.main(argv) == 1
+    assert "absent.pth" in capsys.readouterr().err
+    argv[5] = str(tmp_path / "*.jpg")
+    assert demo.main(argv) == 1
+    assert "no images found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_inputs_expand_in_order_without_duplicates(demo, tmp_path):
+    for name in ("b.png", "a.JPG", "c.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.png").write_bytes(b"")
+    paths = demo.expand_inputs(
+        [str(tmp_path / "missing.png"), str(tmp_path), str(tmp_path / "**" / "*.png")]
+    )
+    expected = ["missing.png", "a.JPG", "b.png", "sub/a.png"]
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == expected
+    assert demo.output_names(paths) == ["missing.png", "a.png", "b.png", "a_1.png"]
+
+
+def test_boxes_are_drawn_where_the_prediction_says(demo):
+    image = np.zeros((100, 120, 3), dtype=np.uint8)
+    prediction = Prediction(
+        boxes=np.array([[10.0, 40.0, 60.0, 90.0]], dtype=np.float32),
+        scores=np.array([0.9], dtype=np.float32),
+        classes=np.array([2]),
+        class_names=["triangle"],
+        image_size=(100, 120),
+    )
+    drawn = np.asarray(demo.draw_prediction(image, prediction))
+    colour = demo.PALETTE[2]
+    for x, y in [(10, 65), (60, 65), (35, 90)]:  # left, right and bottom edges
+        assert tuple(drawn[y, x]) == colour
+    assert not drawn[50:85, 15:55].any()  # inside the box: untouched
+    assert (drawn[25:40, 10:60] == colour).all(axis=2).any()  # the label's background above it

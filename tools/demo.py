@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Detect objects in images and save them with their boxes, class names and scores drawn.
+
+    .venv/bin/python tools/demo.py --config-file configs/demo/rank_detr_r18_shapes.py \\
+        --checkpoint output/demo/model_final.pth --input datasets/shapes/val/images \\
+        --output output/demo/vis --score-threshold 0.3
+
+`--input` takes image files, directories (their image files, not recursive) and glob patterns
+(quoted, `**` allowed). Each image is written as a PNG of the same stem into `--output`. An image
+that cannot be read is reported and skipped; the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+# Distinct colours for the classes, reused cyclically.
+PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (0, 128, 128),
+    (170, 110, 40),
+]
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files as given (a missing one is reported when read), directories' image files and glob
+    matches, in order, without duplicates."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif glob.has_magic(item):
+            paths += [Path(p) for p in sorted(glob.glob(item, recursive=True)) if Path(p).is_file()]
+        else:
+            paths.append(path)
+    return list(dict.fromkeys(paths))
+
+
+def output_names(paths: list[Path]) -> list[str]:
+    """`stem.png` per input; a stem seen before gets `_1`, `_2`, ... so nothing is overwritten."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        count = seen.get(path.stem, 0)
+        seen[path.stem] = count + 1
+        names.append(f"{path.stem}.png" if count == 0 else f"{path.stem}_{count}.png")
+    return names
+
+
+def draw_prediction(image: np.ndarray, prediction) -> Image.Image:
+    """(H, W, 3) uint8 RGB image with each detection's box and "name score" label drawn."""
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    width = max(1, round(min(image.shape[:2]) / 200))  # thicker lines on large images
+    for box, score, label, name in zip(
+        prediction.boxes, prediction.scores, prediction.classes, prediction.class_names
+    ):
+        colour = PALETTE[int(label) % len(PALETTE)]
+        x0, y0, x1, y1 = (float(v) for v in box)
+        draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
+        text = f"{name} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((x0, y0), text, font=font)
+        # The label sits above the box, or inside it when the box touches the top edge.
+        shift = bottom - top + 2 if y0 - (bottom - top) - 2 >= 0 else 0
+        draw.rectangle([left, top - shift, right + 2, bottom - shift], fill=colour)
+        draw.text((x0 + 1, y0 - shift), text, fill=(255, 255, 255), font=font)
+    return canvas
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--checkpoint", required=True, help="trained weights (.pth)")
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="image files, directories or glob patterns")  # fmt: skip
+    parser.add_argument("--output", required=True, help="directory for the drawn PNGs")
+    parser.add_argument("--score-threshold", type=float, default=0.3)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    paths = expand_inputs(args.input)
+    if not paths:
+        print(f"demo: no images found for --input {' '.join(args.input)}", file=sys.stderr)
+        return 1
+    from rankdetr.predictor import Predictor, as_rgb_image
+
+    try:
+        predictor = Predictor(
+            args.config_file,
+            args.checkpoint,
+            device=args.device,
+            score_threshold=args.score_threshold,
+            overrides=args.overrides,
+        )
+    except (KeyError, ValueError, TypeError, OSError, RuntimeError) as error:
+        print(f"demo: {error}", file=sys.stderr)
+        return 1
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for path, name in tqdm(list(zip(paths, output_names(paths))), desc="images", unit="img"):
+        try:
+            image = as_rgb_image(path)
+        except (OSError, ValueError) as error:  # missing or unreadable: report, go on
+            tqdm.write(f"demo: skipped: {error}", file=sys.stderr)
+            failed.append(path)
+            continue
+        prediction = predictor(image)
+        draw_prediction(image, prediction).save(output / name)
+    written = len(paths) - len(failed)
+    print(f"demo: wrote {written} image(s) to {output}")
+    if failed:
+        print(f"demo: {len(failed)} of {len(paths)} image(s) could not be read: "
+              + ", ".join(str(p) for p in failed), file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
