@@ -159,6 +159,29 @@ class RankDETR(nn.Module):
                 return self.criterion(one2one, targets, one2many, self.one2many_repeats)
         return self.postprocess(_to_float32(outputs), images.image_sizes, batched_inputs)
 
+    def forward_layers(self, batched_inputs: list[dict]) -> dict:
+        """Every decoder layer's raw outputs for the one-to-one queries (analysis, paper Fig. 3-5).
+
+        Runs the network as inference does (no one-to-many queries) in the module's current mode:
+        call `.eval()` first for inference behaviour, and wrap in `torch.no_grad()` when no
+        gradient is needed.
+
+        Returns:
+            "logits": list over decoder layers of (N, Q, K) float32 classification logits;
+            "boxes": list over decoder layers of (N, Q, 4) float32 boxes (cx, cy, w, h),
+                normalised by the image sizes below;
+            "image_sizes": N (h, w) of the model's input images (resized, before padding).
+            Q = num_queries, in each layer's own query order (the decoder re-sorts them).
+        """
+        images, padding_mask = self.preprocess_images(batched_inputs)
+        outputs = _to_float32(self.predict(images.tensor, padding_mask, 0))
+        one2one, _ = self.split_groups(outputs)
+        return {
+            "logits": one2one["logits"],
+            "boxes": one2one["boxes"],
+            "image_sizes": [tuple(size) for size in images.image_sizes],
+        }
+
     def predict(self, images: torch.Tensor, padding_mask: torch.Tensor, num_one2many: int) -> dict:
         """
         Args:
