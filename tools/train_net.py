@@ -13,9 +13,9 @@ starts N CPU processes (GLOO).
 
 import sys
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 
+from rankdetr.engine.checkpoint import SafeCheckpointer
 from rankdetr.engine.runner import ConfigError, build_model, do_test, do_train, load_config
 
 
@@ -24,7 +24,7 @@ def main(args) -> None:
     default_setup(cfg, args)
     if args.eval_only:
         model = build_model(cfg)
-        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        SafeCheckpointer(model).load(cfg.train.init_checkpoint)
         model.eval()
         do_test(cfg, model)
         return

@@ -16,7 +16,9 @@ train = dict(
     checkpointer=dict(period=5000, max_to_keep=100),
     eval_period=5000,
     log_period=20,
-    seed=-1,
+    seed=-1,  # >= 0: seeds torch, NumPy and Python (+ rank), the data order and augmentations
+    # True: torch.use_deterministic_algorithms (an op without a deterministic kernel is an error)
+    deterministic=False,
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False),
     cudnn_benchmark=False,
 )

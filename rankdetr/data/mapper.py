@@ -143,7 +143,9 @@ class DetrDatasetMapper:
         return "\n".join(lines) + ")"
 
     def _choose_augmentations(self) -> list[T.Augmentation]:
-        # numpy's global generator: detectron2 seeds it per data-loader worker.
+        # The draws (here and in detectron2's augmentations) come from NumPy's global generator.
+        # The training loader (rankdetr.data.samplers) seeds it per sample from the run's seed
+        # and the sample's position in the data stream, so a resumed run augments alike.
         if self.is_train and np.random.rand() < self.crop_probability:
             return self.crop_augmentations
         return self.augmentations

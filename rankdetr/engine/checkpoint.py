@@ -1,0 +1,272 @@
+"""Crash-safe checkpoints that load without running code from the file.
+
+:class:`SafeCheckpointer` is detectron2's DetectionCheckpointer with three changes:
+
+* **Atomic writes.** A checkpoint is written to a temporary file in the same folder, flushed to
+  disk (fsync), then renamed over its final name (os.replace); the `last_checkpoint` pointer is
+  replaced the same way. A process killed during a save leaves the previous checkpoint and
+  pointer intact (and a stale temporary file, removed by the next save).
+* **Resume picks the newest complete checkpoint.** When `last_checkpoint` is missing, or names a
+  missing or incomplete file, the newest complete `model_*.pth` in the folder is used instead,
+  with a warning naming what was skipped.
+* **Safe loading.** `.pth` files are read with `torch.load(weights_only=True)`; the checkpoints
+  written here hold only tensors, numbers, strings and containers (anything else is converted or
+  refused when saving), so they load that way. detectron2 / Caffe2 `.pkl` files go through an
+  unpickler that only rebuilds containers and NumPy arrays. A missing, truncated or corrupt file,
+  or one that asks to run code, raises :class:`CheckpointError` naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+
+from rankdetr.checkpoint.backbone_weights import (
+    CheckpointError,
+    _ArraysOnlyUnpickler,
+    read_weights_file,
+)
+
+__all__ = [
+    "CheckpointError",
+    "SafeCheckpointer",
+    "atomic_torch_save",
+    "is_complete_checkpoint",
+    "to_weights_only",
+]
+
+logger = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "last_checkpoint"
+TEMP_MARKER = ".tmp-"
+_PERIODIC_NAME = re.compile(r"^model_(\d+|final)\.pth$")
+_PLAIN_TYPES = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def to_weights_only(value: Any, where: str = "checkpoint") -> Any:
+    """`value` with NumPy arrays and scalars turned into tensors and Python numbers, so that
+    `torch.load(weights_only=True)` can read it back; other unknown objects are refused.
+
+    Args:
+        value: tensors, numbers, strings, None, dtypes, and dicts / lists / tuples of these.
+        where: the key path, for the error message.
+
+    Raises:
+        TypeError naming the key path of an object that cannot be stored safely.
+    """
+    # NumPy first: np.float64 and np.str_ subclass Python's float and str but pickle as NumPy.
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, np.generic):
+        return value.item()
+    # Exact types: a subclass (an IntEnum, say) would pickle as its own class.
+    if isinstance(value, torch.Tensor) or type(value) in _PLAIN_TYPES:
+        return value
+    if isinstance(value, dict):
+        converted = OrderedDict() if isinstance(value, OrderedDict) else {}
+        for key, item in value.items():
+            converted[key] = to_weights_only(item, f"{where}[{key!r}]")
+        if hasattr(value, "_metadata"):  # a module state dict's version information
+            converted._metadata = value._metadata
+        return converted
+    if isinstance(value, (list, tuple)):
+        items = [to_weights_only(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(
+        f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which a checkpoint "
+        "loaded with weights_only=True cannot hold; store tensors, numbers, strings or "
+        "containers of them"
+    )
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call write(file) on a temporary file next to `path`, fsync it, rename it to `path`."""
+    temp = path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
+    try:
+        with open(temp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def atomic_torch_save(data: Any, path: str | Path) -> None:
+    """torch.save(data) to `path` atomically: the file is either the old one or complete."""
+    _atomic_write(Path(path), lambda handle: torch.save(data, handle))
+
+
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a whole torch zip file whose entries pass their CRC check (a file cut
+    short by a crash, or with damaged bytes, is not)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return False
+
+
+def _periodic_rank(name: str) -> int:
+    """Order of a model_XXXXXXX.pth / model_final.pth name (final is the newest), or -1."""
+    match = _PERIODIC_NAME.match(name)
+    if match is None:
+        return -1
+    return 1 << 62 if match.group(1) == "final" else int(match.group(1))
+
+
+class SafeCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer with atomic saves, resume from the newest complete checkpoint, and
+    loading that never unpickles arbitrary objects (see the module docstring)."""
+
+    # --- saving ----------------------------------------------------------------------------
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """Write `<save_dir>/<name>.pth` (model, checkpointables, kwargs) and point
+        `last_checkpoint` at it, both atomically."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, checkpointable in self.checkpointables.items():
+            data[key] = checkpointable.state_dict()
+        data.update(kwargs)
+        data = to_weights_only(data)
+        save_dir = Path(self.save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temp_files()
+        path = save_dir / f"{name}.pth"
+        self.logger.info("Saving checkpoint to %s", path)
+        atomic_torch_save(data, path)
+        self.tag_last_checkpoint(path.name)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """Point `last_checkpoint` at a file of save_dir, atomically."""
+        path = Path(self.save_dir) / LAST_CHECKPOINT
+        _atomic_write(path, lambda handle: handle.write(last_filename_basename.encode()))
+
+    def _remove_stale_temp_files(self) -> None:
+        # Left by processes killed while saving; this process is not writing any right now.
+        for temp in Path(self.save_dir).glob(f".*{TEMP_MARKER}*"):
+            logger.info("Removing %s, left by an interrupted save", temp)
+            temp.unlink(missing_ok=True)
+
+    # --- choosing the checkpoint to resume from --------------------------------------------
+
+    def has_checkpoint(self) -> bool:
+        """Whether save_dir holds a complete checkpoint to resume from."""
+        return bool(self.get_checkpoint_file())
+
+    def get_checkpoint_file(self) -> str:
+        """The checkpoint to resume from: the file named by `last_checkpoint` when it is
+        complete, else the newest complete model_*.pth (with a warning), else ""."""
+        if not self.save_dir or not Path(self.save_dir).is_dir():
+            return ""
+        save_dir = Path(self.save_dir)
+        named = self._named_by_pointer()
+        if named is not None and is_complete_checkpoint(named):
+            return str(named)
+        skipped = []
+        if named is not None:
+            state = "is missing" if not named.exists() else "is incomplete or corrupt"
+            skipped.append(f"{named} (named by {save_dir / LAST_CHECKPOINT}) {state}")
+        for candidate in self._periodic_checkpoints_newest_first():
+            if candidate == named:
+                continue
+            if is_complete_checkpoint(candidate):
+                if skipped:
+                    logger.warning("Resuming from %s; skipped: %s", candidate, "; ".join(skipped))
+                return str(candidate)
+            skipped.append(f"{candidate} is incomplete or corrupt")
+        if skipped:
+            logger.warning(
+                "No complete checkpoint in %s; skipped: %s", save_dir, "; ".join(skipped)
+            )
+        return ""
+
+    def _named_by_pointer(self) -> Path | None:
+        pointer = Path(self.save_dir) / LAST_CHECKPOINT
+        try:
+            name = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return Path(self.save_dir) / name if name else None
+
+    def _periodic_checkpoints_newest_first(self) -> list[Path]:
+        files = [p for p in Path(self.save_dir).iterdir() if _periodic_rank(p.name) >= 0]
+        return sorted(files, key=lambda p: _periodic_rank(p.name), reverse=True)
+
+    # --- loading ---------------------------------------------------------------------------
+
+    def load(self, path: str, *args, **kwargs) -> dict[str, Any]:
+        """As Checkpointer.load, for local files only (nothing is downloaded)."""
+        if path and not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint file not found: {path}")
+        return super().load(path, *args, **kwargs)
+
+    def _load_file(self, filename: str) -> dict[str, Any]:
+        """Read a checkpoint without running code from it; errors name the file."""
+        suffix = Path(filename).suffix
+        if suffix == ".pkl":
+            return _read_detectron2_pickle(filename)
+        if suffix == ".safetensors":
+            return {"model": read_weights_file(filename)}
+        try:
+            loaded = torch.load(filename, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001  (any failure to parse means a bad file)
+            raise CheckpointError(
+                f"cannot load checkpoint {filename}: {_short(error)} (checkpoints are loaded "
+                "with weights_only=True: a file that is truncated, corrupt, or holds objects "
+                "other than tensors and containers is refused)"
+            ) from error
+        if not isinstance(loaded, dict):
+            raise CheckpointError(f"{filename} holds a {type(loaded).__name__}, not a dict")
+        return loaded if "model" in loaded else {"model": loaded}
+
+
+def _short(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _read_detectron2_pickle(filename: str) -> dict[str, Any]:
+    """A detectron2 model-zoo or Caffe2 .pkl, as DetectionCheckpointer reads it, but through an
+    unpickler that only rebuilds containers and NumPy arrays."""
+    try:
+        with open(filename, "rb") as handle:
+            data = _ArraysOnlyUnpickler(io.BytesIO(handle.read()), encoding="latin1").load()
+    except Exception as error:  # noqa: BLE001
+        raise CheckpointError(f"cannot read detectron2 weights file {filename}: {error}") from error
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{filename} holds a {type(data).__name__}, not a dict")
+    if "model" in data and "__author__" in data:
+        return data  # detectron2 model zoo format
+    if "blobs" in data:  # Caffe2 detection models
+        data = data["blobs"]
+    model = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+    return {"model": model, "__author__": "Caffe2", "matching_heuristics": True}
