@@ -9,8 +9,11 @@ import matplotlib
 matplotlib.use("Agg")  # no display: the commands only write files
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
-__all__ = ["MODEL_COLOURS", "MODEL_LINESTYLES", "plt", "save_figure"]
+from rankdetr.analysis.stats import empirical_cdf  # noqa: E402
+
+__all__ = ["MODEL_COLOURS", "MODEL_LINESTYLES", "cdf_steps", "plt", "save_figure"]
 
 MODEL_LINESTYLES = ("-", "--")  # first model solid, second dashed
 MODEL_COLOURS = ("tab:blue", "tab:orange")
@@ -22,3 +25,10 @@ def save_figure(figure, path: Path, dpi: int = 150) -> Path:
     plt.close(figure)
     print(f"wrote {path}")
     return path
+
+
+def cdf_steps(values, lower: float = 0.0, upper: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The empirical CDF of `values` as step-plot points (`where="post"`), drawn from 0 at
+    `lower` to 1 at `upper`, so that every line spans the whole axis."""
+    x, p = empirical_cdf(values)
+    return np.concatenate([[lower], x, [upper]]), np.concatenate([[0.0], p, [1.0]])
