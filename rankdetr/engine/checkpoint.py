@@ -164,6 +164,7 @@ class SafeCheckpointer(DetectionCheckpointer):
         self.logger.info("Saving checkpoint to %s", path)
         atomic_torch_save(data, path)
         self.tag_last_checkpoint(path.name)
+        self._saved_here = path  # known complete: no need to re-read it for the CRC check
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Point `last_checkpoint` at a file of save_dir, atomically."""
@@ -189,6 +190,8 @@ class SafeCheckpointer(DetectionCheckpointer):
             return ""
         save_dir = Path(self.save_dir)
         named = self._named_by_pointer()
+        if named is not None and named == getattr(self, "_saved_here", None) and named.is_file():
+            return str(named)  # PeriodicCheckpointer asks after every save
         if named is not None and is_complete_checkpoint(named):
             return str(named)
         skipped = []

@@ -13,7 +13,12 @@ import pytest
 import torch
 from detectron2.engine import HookBase, hooks
 
-from rankdetr.data.samplers import ResumableBatchSampler, SeededMapDataset, mix_seed
+from rankdetr.data.samplers import (
+    ResumableBatchSampler,
+    SeededMapDataset,
+    build_resumable_train_loader,
+    mix_seed,
+)
 from rankdetr.data.synthetic import SHAPES_SPLITS, generate_shapes_dataset
 from rankdetr.engine.checkpoint import SafeCheckpointer
 from rankdetr.engine.hooks import EMAHook, SeedHook
@@ -271,3 +276,21 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_final_weights(tmp_path):
     assert actual["lr"] == expected["lr"]
     for part in ("model", "ema", "optimizer"):
         assert_same_tensors(expected[part], actual[part], part)
+
+
+def test_worker_processes_give_the_batches_of_the_main_process():
+    dataset = [{"id": i, "width": 10 + i % 3, "height": 11} for i in range(9)]
+
+    def batches(num_workers):
+        loader = build_resumable_train_loader(
+            dataset, mapper=draws, total_batch_size=2, num_workers=num_workers, seed=4
+        )
+        loader.resume_at(3, seed=4)
+        return take(iter(loader), 5)
+
+    in_main = batches(0)
+    assert batches(2) == in_main
+    expected_ids = [[index for index, _ in batch] for batch in take(iter(ResumableBatchSampler(
+        9, 2, seed=4, group_ids=[0 if r["width"] > r["height"] else 1 for r in dataset],
+        start_batch=3)), 5)]  # fmt: skip
+    assert [[item["id"] for item in batch] for batch in in_main] == expected_ids
