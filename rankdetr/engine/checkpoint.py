@@ -145,6 +145,10 @@ class SafeCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer with atomic saves, resume from the newest complete checkpoint, and
     loading that never unpickles arbitrary objects (see the module docstring)."""
 
+    def __init__(self, model: torch.nn.Module, save_dir: str = "", **kwargs: Any):
+        super().__init__(model, save_dir, **kwargs)
+        self._saved_here: Path | None = None  # the last file this checkpointer wrote
+
     # --- saving ----------------------------------------------------------------------------
 
     def save(self, name: str, **kwargs: Any) -> None:
@@ -164,7 +168,7 @@ class SafeCheckpointer(DetectionCheckpointer):
         self.logger.info("Saving checkpoint to %s", path)
         atomic_torch_save(data, path)
         self.tag_last_checkpoint(path.name)
-        self._saved_here = path  # known complete: no need to re-read it for the CRC check
+        self._saved_here = path  # known complete: get_checkpoint_file need not re-read it
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Point `last_checkpoint` at a file of save_dir, atomically."""
@@ -190,7 +194,7 @@ class SafeCheckpointer(DetectionCheckpointer):
             return ""
         save_dir = Path(self.save_dir)
         named = self._named_by_pointer()
-        if named is not None and named == getattr(self, "_saved_here", None) and named.is_file():
+        if named is not None and named == self._saved_here and named.is_file():
             return str(named)  # PeriodicCheckpointer asks after every save
         if named is not None and is_complete_checkpoint(named):
             return str(named)

@@ -21,7 +21,7 @@ from rankdetr.data.samplers import (
 )
 from rankdetr.data.synthetic import SHAPES_SPLITS, generate_shapes_dataset
 from rankdetr.engine.checkpoint import SafeCheckpointer
-from rankdetr.engine.hooks import EMAHook, SeedHook
+from rankdetr.engine.hooks import EMAHook, SeedHook, TrainingProgressHook
 from rankdetr.engine.optim import step_lr_schedule
 from rankdetr.engine.trainer import RankDETRTrainer
 
@@ -99,6 +99,10 @@ class Quadratic(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, 4))
+        self.progress = []
+
+    def set_training_progress(self, progress):
+        self.progress.append(progress)
 
     def forward(self, batch):
         noisy = torch.nn.functional.dropout(self.weight * batch, p=0.25)
@@ -138,6 +142,7 @@ def train_quadratic(out_dir, resume=False, crash_after=None):
     trainer.register_hooks(
         [
             SeedHook(11),
+            TrainingProgressHook(model),  # drives the HMC switch
             ema,
             hooks.LRScheduler(scheduler=step_lr_schedule(max_iter=6, drop_fraction=4 / 6)),
             hooks.PeriodicCheckpointer(checkpointer, period=3),
@@ -158,6 +163,7 @@ def test_lr_schedule_ema_and_random_draws_resume_where_they_were(tmp_path):
         train_quadratic(tmp_path / "crashed", crash_after=3)
     resumed, trainer, resumed_ema, resumed_lrs = train_quadratic(tmp_path / "crashed", resume=True)
     assert trainer.start_iter == 3
+    assert resumed.progress == [3 / 6, 4 / 6, 5 / 6]  # from the resumed iteration
     # The step schedule drops the LR x0.1 at iteration 4 of 6 (hand-computed).
     assert resumed_lrs == {3: pytest.approx(0.1), 4: pytest.approx(0.01), 5: pytest.approx(0.01)}
     assert {k: lrs[k] for k in (3, 4, 5)} == resumed_lrs
