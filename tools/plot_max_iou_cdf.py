@@ -18,13 +18,13 @@ import argparse
 
 import numpy as np
 
-from rankdetr.analysis.collect import collect_layer_outputs, unmatched_max_ious
+from rankdetr.analysis.collect import unmatched_max_ious
 from rankdetr.analysis.loading import (
     add_common_arguments,
     add_matching_arguments,
+    collect_per_model,
     dataset_dicts,
     load_models,
-    mapped_inputs,
     output_path,
     run_command,
     set_training_progress,
@@ -60,18 +60,13 @@ def main(argv: list[str] | None = None) -> None:
     models, dataset_name = load_models(args)
     set_training_progress(models, args.training_progress)
     dicts = dataset_dicts(dataset_name, args.max_images)
-    ious = {}
-    for loaded in models:
-        records = collect_layer_outputs(
-            loaded.model,
-            mapped_inputs(loaded.cfg, dicts),
-            total=len(dicts),
-            description=loaded.name,
-        )
-        ious[loaded.name] = [unmatched_max_ious(records, layer)
-                             for layer in range(records[0].num_layers)]  # fmt: skip
-        means = ", ".join(f"{_mean(values):.4f}" for values in ious[loaded.name])
-        print(f"{loaded.name}: mean max IoU of unmatched queries per layer: {means}")
+    ious = {
+        name: [unmatched_max_ious(records, layer) for layer in range(records[0].num_layers)]
+        for name, records in collect_per_model(models, dicts).items()
+    }
+    for name, per_layer in ious.items():
+        means = ", ".join(f"{_mean(values):.4f}" for values in per_layer)
+        print(f"{name}: mean max IoU of unmatched queries per layer: {means}")
     save_figure(plot_max_iou_cdf(ious), output)
 
 

@@ -18,14 +18,14 @@ import argparse
 
 import numpy as np
 
-from rankdetr.analysis.collect import collect_layer_outputs, matched_and_unmatched_scores
+from rankdetr.analysis.collect import matched_and_unmatched_scores
 from rankdetr.analysis.loading import (
     AnalysisError,
     add_common_arguments,
     add_matching_arguments,
+    collect_per_model,
     dataset_dicts,
     load_models,
-    mapped_inputs,
     output_path,
     run_command,
     set_training_progress,
@@ -72,17 +72,12 @@ def main(argv: list[str] | None = None) -> None:
     models, dataset_name = load_models(args)
     set_training_progress(models, args.training_progress)
     dicts = dataset_dicts(dataset_name, args.max_images)
-    scores = {}
-    for loaded in models:
-        records = collect_layer_outputs(
-            loaded.model,
-            mapped_inputs(loaded.cfg, dicts),
-            total=len(dicts),
-            description=loaded.name,
-        )
-        positives, negatives = matched_and_unmatched_scores(records, layer=-1)
-        scores[loaded.name] = (positives, negatives)
-        print(f"{loaded.name}: {positives.size} matched queries (mean score "
+    scores = {
+        name: matched_and_unmatched_scores(records, layer=-1)
+        for name, records in collect_per_model(models, dicts).items()
+    }
+    for name, (positives, negatives) in scores.items():
+        print(f"{name}: {positives.size} matched queries (mean score "
               f"{_mean(positives):.4f}), {negatives.size} unmatched (mean score "
               f"{_mean(negatives):.4f}) on {len(dicts)} images")  # fmt: skip
     save_figure(plot_score_distributions(scores, args.bins), output)

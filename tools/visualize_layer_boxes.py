@@ -18,14 +18,14 @@ import argparse
 
 from detectron2.data.detection_utils import read_image
 
-from rankdetr.analysis.collect import ImageLayerOutputs, collect_layer_outputs
+from rankdetr.analysis.collect import ImageLayerOutputs
 from rankdetr.analysis.loading import (
     AnalysisError,
     add_common_arguments,
     add_matching_arguments,
+    collect_per_model,
     dataset_dicts,
     load_models,
-    mapped_inputs,
     output_path,
     run_command,
     set_training_progress,
@@ -130,15 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     models, dataset_name = load_models(args)
     set_training_progress(models, args.training_progress)
     dicts = chosen_dicts(dataset_name, args.image_indices, args.max_images)
-    records = {
-        loaded.name: collect_layer_outputs(
-            loaded.model,
-            mapped_inputs(loaded.cfg, dicts),
-            total=len(dicts),
-            description=loaded.name,
-        )
-        for loaded in models
-    }
+    records = collect_per_model(models, dicts)
     save_figure(plot_layer_boxes(records, args.num_negatives), output)
 
 

@@ -17,6 +17,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from omegaconf import DictConfig, OmegaConf
 
 import rankdetr.data  # noqa: F401  (registers shapes_train / shapes_val)
+from rankdetr.analysis.collect import collect_layer_outputs
 from rankdetr.data.datasets import num_classes_of, register_coco_format
 from rankdetr.engine.runner import ConfigError, load_config, resolve_device
 
@@ -253,6 +254,17 @@ def mapped_inputs(cfg: DictConfig, dicts: list[dict]) -> Iterator[dict]:
     """The config's test mapper applied to each dataset dict, lazily."""
     mapper = instantiate(cfg.dataloader.test.mapper)
     return (mapper(d) for d in dicts)
+
+
+def collect_per_model(models: list[LoadedModel], dicts: list[dict]) -> dict[str, list]:
+    """Model name -> per-image, per-layer outputs (:class:`ImageLayerOutputs`) on `dicts`."""
+    return {
+        loaded.name: collect_layer_outputs(
+            loaded.model, mapped_inputs(loaded.cfg, dicts), total=len(dicts),
+            description=loaded.name,
+        )  # fmt: skip
+        for loaded in models
+    }
 
 
 def class_names(dataset_name: str) -> list[str]:
