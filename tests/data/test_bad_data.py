@@ -16,9 +16,9 @@ from rankdetr.data import datasets
 from rankdetr.data.datasets import load_coco_json_checked, register_coco_format
 from rankdetr.data.image_io import ImageReadError, read_image
 from rankdetr.data.mapper import DetrDatasetMapper
-from rankdetr.modeling.backbone import ResNetBackbone
-from rankdetr.modeling.neck import ChannelMapper
 from rankdetr.modeling.rank_detr import RankDETR
+from rankdetr.modeling.rank_options import RankOptions
+from tests.modeling.test_rank_detr import tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -183,24 +183,8 @@ def test_mapper_gives_empty_instances_for_an_image_without_annotations(tmp_path)
 
 def demo_sized_model(num_classes=5) -> RankDETR:
     """The demo's query counts (50 one-to-one, 150 one-to-many, k=3) on a narrow transformer."""
-    torch.manual_seed(0)
-    backbone = ResNetBackbone(depth=18)
-    neck = ChannelMapper(in_channels=backbone.out_channels, out_channels=32, norm_groups=8)
-    return RankDETR(
-        backbone=backbone,
-        neck=neck,
-        num_classes=num_classes,
-        num_queries=50,
-        num_queries_one2many=150,
-        one2many_repeats=3,
-        embed_dim=32,
-        num_heads=4,
-        num_points=2,
-        ffn_dim=64,
-        encoder_layers=1,
-        decoder_layers=2,
-        num_detections=50,
-    )
+    return tiny_model(RankOptions(), num_classes, num_queries=50, num_queries_one2many=150,
+                      one2many_repeats=3, num_detections=50)  # fmt: skip
 
 
 def test_500_objects_load_map_and_train_one_step(tmp_path):

@@ -12,8 +12,11 @@ from rankdetr.modeling.rank_detr import RankDETR
 from rankdetr.modeling.rank_options import RankOptions
 
 
-def tiny_model(rank: RankOptions, num_classes=3) -> RankDETR:
+def tiny_model(rank: RankOptions, num_classes=3, **query_counts) -> RankDETR:
+    """A narrow RankDETR on ResNet-18; `query_counts` overrides the query and detection counts."""
     torch.manual_seed(0)
+    counts = {"num_queries": 6, "num_queries_one2many": 12, "one2many_repeats": 2,
+              "num_detections": 10, **query_counts}  # fmt: skip
     backbone = ResNetBackbone(depth=18)
     neck = ChannelMapper(in_channels=backbone.out_channels, out_channels=32, norm_groups=8)
     return RankDETR(
@@ -21,16 +24,13 @@ def tiny_model(rank: RankOptions, num_classes=3) -> RankDETR:
         neck=neck,
         num_classes=num_classes,
         rank=rank,
-        num_queries=6,
-        num_queries_one2many=12,
-        one2many_repeats=2,
         embed_dim=32,
         num_heads=4,
         num_points=2,
         ffn_dim=64,
         encoder_layers=1,
         decoder_layers=2,
-        num_detections=10,
+        **counts,
     )
 
 
