@@ -7,28 +7,17 @@ import logging
 import numpy as np
 import pytest
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
+from detectron2.data import get_detection_dataset_dicts
 from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.structures import Boxes, BoxMode, Instances
 from PIL import Image
 
-from rankdetr.data import datasets
 from rankdetr.data.datasets import load_coco_json_checked, register_coco_format
 from rankdetr.data.image_io import ImageReadError, read_image
 from rankdetr.data.mapper import DetrDatasetMapper
 from rankdetr.modeling.rank_detr import RankDETR
 from rankdetr.modeling.rank_options import RankOptions
 from tests.modeling.test_rank_detr import tiny_model
-
-
-@pytest.fixture(autouse=True)
-def isolated_catalogs():
-    """Undo every registration a test makes (the catalogs are process-wide)."""
-    saved = (dict(DatasetCatalog), dict(MetadataCatalog), dict(datasets._REGISTERED))
-    yield
-    for catalog, entries in zip((DatasetCatalog, MetadataCatalog, datasets._REGISTERED), saved):
-        catalog.clear()
-        catalog.update(entries)
 
 
 def _pixels(height=6, width=5) -> np.ndarray:

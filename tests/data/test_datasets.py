@@ -11,7 +11,6 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances
 from PIL import Image
 
-from rankdetr.data import datasets
 from rankdetr.data.datasets import (
     REPO_ROOT,
     DatasetFormatError,
@@ -24,17 +23,6 @@ from rankdetr.data.datasets import (
     register_shapes_dataset,
 )
 from rankdetr.data.mapper import DetrDatasetMapper
-
-
-@pytest.fixture(autouse=True)
-def isolated_catalogs():
-    """Undo every registration a test makes (the catalogs are process-wide)."""
-    saved = (dict(DatasetCatalog), dict(MetadataCatalog), dict(datasets._REGISTERED))
-    yield
-    for catalog, entries in zip((DatasetCatalog, MetadataCatalog, datasets._REGISTERED), saved):
-        catalog.clear()
-        catalog.update(entries)
-
 
 # --- shapes --------------------------------------------------------------------------------
 
