@@ -26,7 +26,12 @@ class MLP(nn.Module):
         return x
 
 
-def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """logit(x), with x clamped to [eps, 1 - eps] so that boxes at the border stay finite."""
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """logit(x), with x and 1 - x clamped to at least eps so that boxes at the border stay finite.
+
+    eps = 1e-3 is the original release's (detrex's) value: logits are bounded by about +-6.9, so a
+    box coordinate at 0 or 1 refines from there. The released weights were trained with it, and
+    it changes boxes near the image border, so it is kept.
+    """
     x = x.clamp(0, 1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))

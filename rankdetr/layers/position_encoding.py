@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from rankdetr.layers.dtypes import lift_to_float32
+
 __all__ = ["PositionEmbeddingSine", "sine_embedding_of_boxes"]
 
 
@@ -58,7 +60,11 @@ class PositionEmbeddingSine(nn.Module):
 def _interleaved_sin_cos(
     positions: torch.Tensor, channels: int, temperature: float
 ) -> torch.Tensor:
-    """(...) -> (..., channels): sin at even channels, cos at odd, wavelength per pair."""
+    """(...) -> (..., channels): sin at even channels, cos at odd, wavelength per pair.
+
+    The wavelengths are a float32 table, as in Deformable DETR and the original release; the
+    angles take the positions' dtype (float32, or float64 for float64 positions).
+    """
     pair = torch.arange(channels, dtype=torch.float32, device=positions.device) // 2
     wavelengths = temperature ** (2 * pair / channels)
     angles = positions[..., None] / wavelengths
@@ -71,7 +77,8 @@ def sine_embedding_of_boxes(
     """(..., 4) normalised (cx, cy, w, h) -> (..., 4 * F): each coordinate * 2 pi, sine-embedded.
 
     This is the two-stage proposal embedding of Deformable DETR (its input to `pos_trans`).
+    Half-precision boxes are embedded in float32, float64 boxes in float64.
     """
-    scaled = boxes.float() * (2 * math.pi)
+    scaled = lift_to_float32(boxes) * (2 * math.pi)
     parts = [_interleaved_sin_cos(scaled[..., i], num_pos_feats, temperature) for i in range(4)]
     return torch.cat(parts, dim=-1)

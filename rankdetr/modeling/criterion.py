@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rankdetr.layers.box_ops import (
+    LOSS_IOU_EPS,
     box_cxcywh_to_xyxy,
     elementwise_box_iou,
     elementwise_generalized_box_iou,
@@ -146,11 +147,11 @@ class SetCriterion(nn.Module):
         query_index = torch.cat([q for q, _ in matches])
         batch_index, query_index = batch_index.to(logits.device), query_index.to(logits.device)
         matched_boxes = boxes[batch_index, query_index]
-        target_boxes = torch.cat([t["boxes"][g] for t, (_, g) in zip(targets, matches)]).to(boxes)
+        target_boxes = torch.cat([t["boxes"][g] for t, (_, g) in zip(targets, matches)])
+        target_boxes = target_boxes.to(boxes.dtype)  # float32 data; float64 for a float64 model
         labels = torch.cat([t["labels"][g] for t, (_, g) in zip(targets, matches)])
-
         pred_xyxy, gt_xyxy = box_cxcywh_to_xyxy(matched_boxes), box_cxcywh_to_xyxy(target_boxes)
-        giou = elementwise_generalized_box_iou(pred_xyxy, gt_xyxy)
+        giou = elementwise_generalized_box_iou(pred_xyxy, gt_xyxy, LOSS_IOU_EPS)
         positive = torch.zeros_like(logits, dtype=torch.bool)
         positive[batch_index, query_index, labels.to(logits.device)] = True
         if loss_kind == "focal":
@@ -173,7 +174,7 @@ class SetCriterion(nn.Module):
         if self.quality_target == "giou":
             t = (giou.detach() + 1) / 2
         else:
-            t = elementwise_box_iou(pred_xyxy.detach(), gt_xyxy)
+            t = elementwise_box_iou(pred_xyxy.detach(), gt_xyxy, LOSS_IOU_EPS)
         return t.clamp(0, 1).pow(self.quality_power)
 
     def _quality_aware_loss(self, logits, positive, quality, loss_kind) -> torch.Tensor:

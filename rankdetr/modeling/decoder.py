@@ -3,8 +3,10 @@ classification heads (RCH).
 
 Per layer l (0-based here; the paper counts from 1):
   * before layers 1..L-1, when RCH or QRL is on, queries are sorted within each group (one-to-one,
-    one-to-many) by the previous layer's best class score, descending; content queries,
-    positional queries and reference boxes move together (Eq. 3);
+    one-to-many) by the previous layer's best class-head logit, descending: MLP_cls(Q) alone as
+    in Eq. 2 and the original release, without the RCH bias (a bias in the key would reward a
+    query for the slot it already holds); content queries, positional queries and reference
+    boxes move together (Eq. 3);
   * with QRL, the sorted content queries are fused with a learned per-rank embedding C^l:
     q = Linear_fuse([q ; Linear(C^l)]) (Eq. 2);
   * the layer runs (grouped self-attention, deformable cross-attention, FFN);
@@ -21,6 +23,7 @@ from torch import nn
 
 from rankdetr.layers.mlp import MLP, inverse_sigmoid
 from rankdetr.modeling.decoder_layer import DeformableDecoderLayer
+from rankdetr.modeling.init import init_like_release_transformer
 
 __all__ = ["RankDecoder", "sort_within_groups"]
 
@@ -120,16 +123,32 @@ class RankDecoder(nn.Module):
         return self.rank_class_bias is not None or self.rank_content_query is not None
 
     def reset_parameters(self) -> None:
+        """The release's scheme, module by module.
+
+        * Decoder layers and the QRL parts (rank embeddings C^l, their projection and the fusion),
+          which sit inside the release's transformer: xavier_uniform_ on every matrix, then the
+          deformable attentions' own initialisation. C^l is thus random, as the paper says
+          ("randomly initialized"); the release's zeroing of it is overwritten by that xavier pass.
+        * Class heads: PyTorch's default weights, bias at the focal-loss prior (scores 0.01).
+        * Box heads: last layer zero (the first refinement keeps the proposals).
+        * RCH biases s^l: zero.
+        """
+        init_like_release_transformer(
+            self.layers,
+            *(
+                m
+                for m in (self.rank_content_query, self.rank_query_proj, self.rank_query_fuse)
+                if m
+            ),
+        )
         prior_logit = -math.log((1 - 0.01) / 0.01)  # initial scores of 0.01 (focal-loss prior)
         for head in self.class_heads:
             nn.init.constant_(head.bias, prior_logit)
         for head in self.box_heads:
             nn.init.zeros_(head.layers[-1].weight)
             nn.init.zeros_(head.layers[-1].bias)
-        # Rank-aware parameters start at zero: at initialisation the model is plain H-DETR.
-        for tables in (self.rank_class_bias, self.rank_content_query):
-            for table in tables or []:
-                nn.init.zeros_(table.weight)
+        for table in self.rank_class_bias or []:
+            nn.init.zeros_(table.weight)
 
     def forward(
         self,
@@ -170,9 +189,10 @@ class RankDecoder(nn.Module):
         previous_boxes = reference_boxes  # undetached, for look-forward-twice
         order = torch.arange(num_queries, device=query.device).expand(n, num_queries)
         outputs = {"logits": [], "boxes": [], "order": []}
+        ranking_scores = None  # (N, Q): the previous layer's best class-head logit per query
         for layer_index, layer in enumerate(self.layers):
-            if layer_index > 0 and self.sorts_queries:
-                ranking = sort_within_groups(outputs["logits"][-1].detach().amax(-1), group_sizes)
+            if ranking_scores is not None and self.sorts_queries:
+                ranking = sort_within_groups(ranking_scores, group_sizes)
                 query, query_pos, boxes, previous_boxes, order = (
                     _gather_queries(t, ranking)
                     for t in (query, query_pos, boxes, previous_boxes, order)
@@ -194,9 +214,11 @@ class RankDecoder(nn.Module):
                 predicted = (delta + inverse_sigmoid(previous_boxes)).sigmoid()
             else:
                 predicted = refined
+            class_logits = self.class_heads[layer_index](query)
             outputs["boxes"].append(predicted)
-            outputs["logits"].append(self._classify(query, layer_index, group_sizes))
+            outputs["logits"].append(self._add_rank_bias(class_logits, layer_index, group_sizes))
             outputs["order"].append(order)
+            ranking_scores = class_logits.detach().amax(-1)
             previous_boxes, boxes = refined, refined.detach()
         return outputs
 
@@ -209,12 +231,12 @@ class RankDecoder(nn.Module):
             offset += size
         return torch.cat(rows)
 
-    def _classify(self, query: torch.Tensor, layer_index: int, group_sizes: list[int]):
-        """(N, Q, C) -> (N, Q, K) logits, Eq. 1: t + s^l (s^l only with RCH)."""
-        logits = self.class_heads[layer_index](query)
+    def _add_rank_bias(self, logits: torch.Tensor, layer_index: int, group_sizes: list[int]):
+        """(N, Q, K) class-head logits t -> Eq. 1's t + s^l (s^l, the RCH bias of each rank
+        slot, only with RCH)."""
         if self.rank_class_bias is None:
             return logits
-        rows = self._rank_rows(group_sizes, query.device)
+        rows = self._rank_rows(group_sizes, logits.device)
         return logits + self.rank_class_bias[layer_index](rows)[None]
 
     def _fuse_rank_content(self, query: torch.Tensor, layer_index: int, group_sizes: list[int]):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from rankdetr.layers.multi_scale_deform_attn import MultiScaleDeformableAttention
+from rankdetr.modeling.init import init_like_release_transformer
 
 __all__ = ["FeedForward", "DeformableEncoderLayer", "DeformableEncoder", "encoder_reference_points"]
 
@@ -75,13 +76,15 @@ class DeformableEncoderLayer(nn.Module):
 
 
 class DeformableEncoder(nn.Module):
-    """A stack of :class:`DeformableEncoderLayer`."""
+    """A stack of :class:`DeformableEncoderLayer`, initialised as the release's transformer
+    (xavier_uniform_ on every matrix, then the deformable attentions' own initialisation)."""
 
     def __init__(self, *, num_layers: int = 6, **layer_kwargs):
         super().__init__()
         self.layers = nn.ModuleList(
             DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers)
         )
+        init_like_release_transformer(self.layers)
 
     def forward(
         self,

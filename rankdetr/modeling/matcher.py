@@ -16,10 +16,12 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from rankdetr.layers.box_ops import (
+    LOSS_IOU_EPS,
     box_cxcywh_to_xyxy,
     pairwise_box_iou,
     pairwise_generalized_box_iou,
 )
+from rankdetr.layers.dtypes import lift_to_float32
 
 __all__ = ["HungarianMatcher"]
 
@@ -84,7 +86,9 @@ class HungarianMatcher:
         negative_cost = (1 - alpha) * p.pow(gamma) * -(1 - p + 1e-8).log()
         class_cost = positive_cost - negative_cost
         l1_cost = torch.cdist(boxes, gt_boxes, p=1)
-        giou = pairwise_generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(gt_boxes))
+        giou = pairwise_generalized_box_iou(
+            box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(gt_boxes), LOSS_IOU_EPS
+        )
         return self.cost_class * class_cost + self.cost_bbox * l1_cost - self.cost_giou * giou
 
     def high_order_cost(
@@ -93,9 +97,9 @@ class HungarianMatcher:
         """Eq. 8, -(p[c] * quality^power); arguments as :meth:`standard_cost`."""
         pred_xyxy, gt_xyxy = box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(gt_boxes)
         if self.high_order_quality == "iou":
-            quality = pairwise_box_iou(pred_xyxy, gt_xyxy)
+            quality = pairwise_box_iou(pred_xyxy, gt_xyxy, LOSS_IOU_EPS)
         else:
-            quality = (pairwise_generalized_box_iou(pred_xyxy, gt_xyxy) + 1) / 2
+            quality = (pairwise_generalized_box_iou(pred_xyxy, gt_xyxy, LOSS_IOU_EPS) + 1) / 2
         return -(prob[:, labels] * quality.pow(self.high_order_power))
 
     def cost_matrix(
@@ -106,9 +110,10 @@ class HungarianMatcher:
         gt_boxes: torch.Tensor,
     ) -> torch.Tensor:
         """The cost now in use. logits (Q, K), boxes (Q, 4) cxcywh, labels (T,), gt_boxes (T, 4)
-        cxcywh -> (Q, T), in float32 even under autocast."""
-        prob = logits.float().sigmoid()
-        boxes, gt_boxes = boxes.float(), gt_boxes.float()
+        cxcywh -> (Q, T), in float32 even under autocast (float64 inputs stay float64)."""
+        prob = lift_to_float32(logits).sigmoid()
+        boxes = lift_to_float32(boxes)
+        gt_boxes = gt_boxes.to(boxes.dtype)
         if self.use_high_order:
             return self.high_order_cost(prob, boxes, labels, gt_boxes)
         return self.standard_cost(prob, boxes, labels, gt_boxes)

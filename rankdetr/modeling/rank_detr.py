@@ -18,6 +18,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
 from rankdetr.layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from rankdetr.layers.dtypes import lift_to_float32
 from rankdetr.layers.position_encoding import PositionEmbeddingSine
 from rankdetr.modeling.criterion import SetCriterion
 from rankdetr.modeling.decoder import RankDecoder
@@ -153,11 +154,11 @@ class RankDETR(nn.Module):
         outputs = self.predict(images.tensor, padding_mask, num_one2many)
         if self.training:
             targets = self.prepare_targets(batched_inputs, images)
-            one2one, one2many = self.split_groups(_to_float32(outputs))
+            one2one, one2many = self.split_groups(_lift_to_float32(outputs))
             # Matching and losses in float32 even when the forward runs under autocast.
             with torch.autocast(self.device.type, enabled=False):
                 return self.criterion(one2one, targets, one2many, self.one2many_repeats)
-        return self.postprocess(_to_float32(outputs), images.image_sizes, batched_inputs)
+        return self.postprocess(_lift_to_float32(outputs), images.image_sizes, batched_inputs)
 
     def forward_layers(self, batched_inputs: list[dict]) -> dict:
         """Every decoder layer's raw outputs for the one-to-one queries (analysis, paper Fig. 3-5).
@@ -167,14 +168,15 @@ class RankDETR(nn.Module):
         gradient is needed.
 
         Returns:
-            "logits": list over decoder layers of (N, Q, K) float32 classification logits;
-            "boxes": list over decoder layers of (N, Q, 4) float32 boxes (cx, cy, w, h),
+            "logits": list over decoder layers of (N, Q, K) classification logits (float32, or
+                float64 for a float64 model);
+            "boxes": list over decoder layers of (N, Q, 4) boxes (cx, cy, w, h),
                 normalised by the image sizes below;
             "image_sizes": N (h, w) of the model's input images (resized, before padding).
             Q = num_queries, in each layer's own query order (the decoder re-sorts them).
         """
         images, padding_mask = self.preprocess_images(batched_inputs)
-        outputs = _to_float32(self.predict(images.tensor, padding_mask, 0))
+        outputs = _lift_to_float32(self.predict(images.tensor, padding_mask, 0))
         one2one, _ = self.split_groups(outputs)
         return {
             "logits": one2one["logits"],
@@ -261,7 +263,8 @@ class RankDETR(nn.Module):
 
     def preprocess_images(self, batched_inputs: list[dict]) -> tuple[ImageList, torch.Tensor]:
         """Normalise and pad the images; (N, H, W) mask, True on padding."""
-        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std
+        dtype = self.pixel_mean.dtype  # float32, or float64 for a model made .double()
+        images = [(x["image"].to(self.device, dtype) - self.pixel_mean) / self.pixel_std
                   for x in batched_inputs]  # fmt: skip
         images = ImageList.from_tensors(images)
         n, _, h, w = images.tensor.shape
@@ -312,13 +315,14 @@ def _valid_ratio(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([valid_w, valid_h], -1)
 
 
-def _to_float32(outputs: dict) -> dict:
-    """Floating tensors (also inside lists) of an outputs dict in float32."""
+def _lift_to_float32(outputs: dict) -> dict:
+    """Half-precision tensors (also inside lists) of an outputs dict lifted to float32; float32
+    and float64 are kept (autocast's outputs are scored in float32, a float64 model in float64)."""
 
     def convert(x):
         if isinstance(x, list):
             return [convert(v) for v in x]
-        return x.float() if x.is_floating_point() else x
+        return lift_to_float32(x)
 
     return {k: convert(v) for k, v in outputs.items()}
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from rankdetr.layers.mlp import MLP
 from rankdetr.layers.position_encoding import sine_embedding_of_boxes
+from rankdetr.modeling.init import init_like_release_transformer
 
 __all__ = ["TwoStageProposals", "grid_proposals"]
 
@@ -67,6 +68,13 @@ class TwoStageProposals(nn.Module):
         self.box_head = MLP(embed_dim, embed_dim, 4, 3)
         self.pos_proj = nn.Linear(2 * embed_dim, 2 * embed_dim)
         self.pos_norm = nn.LayerNorm(2 * embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """As the release: the projections (its `enc_output`, `pos_trans`, inside its transformer)
+        xavier-uniform; the heads (outside it) PyTorch's default with the focal-loss prior bias
+        and a zero last box layer."""
+        init_like_release_transformer(self.memory_proj, self.pos_proj)
         nn.init.constant_(self.class_head.bias, -math.log((1 - 0.01) / 0.01))
         nn.init.zeros_(self.box_head.layers[-1].weight)
         nn.init.zeros_(self.box_head.layers[-1].bias)

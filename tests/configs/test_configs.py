@@ -37,6 +37,21 @@ def test_config_instantiates(path):
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     assert isinstance(optimizer, torch.optim.Optimizer)
+    if path.parent.name != "demo":
+        assert_release_learning_rates(optimizer, model)
     assert instantiate(cfg.lr_multiplier)(0.0) > 0
     instantiate(cfg.dataloader.train.mapper)
     assert cfg.train.max_iter > 0 and cfg.train.output_dir
+
+
+def assert_release_learning_rates(optimizer, model):
+    """The release's recipe (its train_net.py, not its config): AdamW at 2e-4, and 2e-5 for the
+    backbone, the sampling offsets and the reference points; weight decay 1e-4."""
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    slow = ("backbone.", "sampling_offsets", "reference_points")
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        expected = 2e-5 if any(key in name for key in slow) else 2e-4
+        assert lr_of[id(p)] == pytest.approx(expected, rel=1e-12), name
+    assert all(group["weight_decay"] == 1e-4 for group in optimizer.param_groups)

@@ -1,5 +1,6 @@
 """Box conversions and IoU against plain-Python float64 formulas."""
 
+import pytest
 import torch
 
 from rankdetr.layers import box_ops
@@ -45,3 +46,25 @@ def test_degenerate_boxes_give_finite_values():
     point = torch.tensor([[0.5, 0.5, 0.5, 0.5]])
     assert torch.isfinite(box_ops.pairwise_box_iou(point, point)).all()
     assert torch.isfinite(box_ops.pairwise_generalized_box_iou(point, point)).all()
+
+
+def test_eps_is_added_to_union_and_hull_as_in_the_release():
+    """eps = 1e-6 (the release's losses and costs) against the plain-Python formula; on boxes of
+    about 1e-3 x 1e-3 (area 1e-6) it changes IoU by about half, so ignoring it is caught."""
+    g = torch.Generator().manual_seed(2)
+    eps = ref.RELEASE_IOU_EPS
+    for scale in (1.0, 1e-3):
+        a = box_ops.box_cxcywh_to_xyxy(random_boxes(6, g) * scale)
+        b = box_ops.box_cxcywh_to_xyxy(random_boxes(4, g) * scale)
+        iou = box_ops.pairwise_box_iou(a, b, eps)
+        giou = box_ops.pairwise_generalized_box_iou(a, b, eps)
+        for i, box_a in enumerate(a.tolist()):
+            for j, box_b in enumerate(b.tolist()):
+                assert iou[i, j].item() == pytest.approx(ref.iou(box_a, box_b, eps), abs=1e-14)
+                assert giou[i, j].item() == pytest.approx(ref.giou(box_a, box_b, eps), abs=1e-14)
+        torch.testing.assert_close(
+            box_ops.elementwise_generalized_box_iou(a[:4], b, eps), giou[:4].diagonal()
+        )
+    same = torch.tensor([[0.0, 0.0, 1e-3, 1e-3]], dtype=torch.float64)
+    assert box_ops.pairwise_box_iou(same, same, eps).item() == pytest.approx(0.5, rel=1e-12)
+    assert box_ops.pairwise_box_iou(same, same).item() == 1.0

@@ -39,14 +39,18 @@ def brute_force_losses(logits, boxes, targets, matches, kind, alpha=0.25, gamma=
                 p = ref.sigmoid(logits[n, q, k].item())
                 if (n, q) in matched and matched[(n, q)][0] == k:
                     gt = matched[(n, q)][1]
-                    t = 1.0 if kind == "focal" else (ref.giou(ref.xyxy(box), ref.xyxy(gt)) + 1) / 2
+                    t = (
+                        1.0
+                        if kind == "focal"
+                        else (ref.giou(ref.xyxy(box), ref.xyxy(gt), ref.RELEASE_IOU_EPS) + 1) / 2
+                    )
                     cls += alpha * abs(t - p) ** gamma * ref.bce(p, t)
                 else:
                     cls += (1 - alpha) * p**gamma * ref.bce(p, 0.0)
             if (n, q) in matched:
                 gt = matched[(n, q)][1]
                 l1 += sum(abs(a - b) for a, b in zip(box, gt))
-                giou_loss += 1 - ref.giou(ref.xyxy(box), ref.xyxy(gt))
+                giou_loss += 1 - ref.giou(ref.xyxy(box), ref.xyxy(gt), ref.RELEASE_IOU_EPS)
     return {
         "loss_class": 2 * cls / num_boxes,
         "loss_bbox": 5 * l1 / num_boxes,
@@ -127,7 +131,13 @@ def test_perfect_predictions_have_zero_box_losses():
         {"logits": [logits], "boxes": [boxes]}, targets
     )
     assert losses["loss_bbox"].item() == pytest.approx(0, abs=1e-9)
-    assert losses["loss_giou"].item() == pytest.approx(0, abs=1e-9)
+    # GIoU of a box with itself is area / (area + eps) with the release's eps = 1e-6.
+    expected_giou = sum(
+        1 - ref.giou(ref.xyxy(b), ref.xyxy(b), ref.RELEASE_IOU_EPS)
+        for b in (boxes[0, 2].tolist(), boxes[1, 3].tolist())
+    )
+    assert 0 < expected_giou < 1e-4
+    assert losses["loss_giou"].item() == pytest.approx(2 * expected_giou / 2, rel=1e-9)
     assert losses["loss_class"].item() < 1e-6
 
 

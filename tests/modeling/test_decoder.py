@@ -82,7 +82,9 @@ def test_queries_positions_and_boxes_move_together(rch, qrl):
     groups = [3, 4]
     out = decoder(**make_inputs(), group_sizes=groups)
     for layer_index in range(1, 3):
-        ranking = sort_within_groups(out["logits"][layer_index - 1].amax(-1), groups)
+        # Eq. 2 / the release: the key is the class head alone, without the RCH bias.
+        class_logits = decoder.class_heads[layer_index - 1](layer_outputs[layer_index - 1])
+        ranking = sort_within_groups(class_logits.amax(-1), groups)
         query_in, pos_in, boxes_in = captured[layer_index][:3]
         prev_pos = captured[layer_index - 1][1]
         for n in range(2):
@@ -98,6 +100,33 @@ def test_queries_positions_and_boxes_move_together(rch, qrl):
             )
         # Groups never mix.
         assert (ranking[:, :3] < 3).all() and (ranking[:, 3:] >= 3).all()
+
+
+@pytest.mark.parametrize("qrl", [True, False])
+def test_the_rch_bias_does_not_enter_the_ranking_key(qrl):
+    """A large RCH bias on the last slot of each group would move that query to the top if the
+    key included it; with the class head alone the order is the class head's."""
+    decoder = make_decoder(rch=True, qrl=qrl)
+    with torch.no_grad():
+        for table in decoder.rank_class_bias:
+            table.weight.zero_()
+            table.weight[[2, 6]] = 50.0
+    layer_outputs = []
+    for layer in decoder.layers:
+        layer.register_forward_hook(lambda m, args, out: layer_outputs.append(out))
+    groups = [3, 4]
+    out = decoder(**make_inputs(), group_sizes=groups)
+    for layer_index in range(1, 3):
+        class_logits = decoder.class_heads[layer_index - 1](layer_outputs[layer_index - 1])
+        expected = sort_within_groups(class_logits.amax(-1), groups)
+        previous_order = out["order"][layer_index - 1]
+        assert out["order"][layer_index].tolist() == previous_order.gather(1, expected).tolist()
+        # The returned logits carry the bias (Eq. 1), and a key with it would sort differently.
+        bias = decoder.rank_class_bias[layer_index - 1].weight[None]
+        torch.testing.assert_close(out["logits"][layer_index - 1], class_logits + bias)
+        biased_key_order = sort_within_groups(out["logits"][layer_index - 1].amax(-1), groups)
+        assert biased_key_order[:, [0, 3]].tolist() == [[2, 6], [2, 6]]
+        assert biased_key_order.tolist() != expected.tolist()
 
 
 def test_no_sorting_without_rank_parameters():
@@ -157,12 +186,17 @@ def test_gradients_reach_every_parameter():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_rank_parameters_start_at_zero():
+def test_rch_biases_start_at_zero_and_qrl_embeddings_random():
+    """RCH s^l starts at zero (the release); QRL's C^l is random (xavier, as the release's
+    transformer-wide init leaves it). The full init scheme is in test_init.py."""
     torch.manual_seed(0)
     decoder = RankDecoder(num_classes=K, max_queries=7, num_layers=2, embed_dim=C, num_heads=HEADS,
                           num_levels=LEVELS, num_points=POINTS, ffn_dim=32)  # fmt: skip
-    for table in [*decoder.rank_class_bias, *decoder.rank_content_query]:
+    for table in decoder.rank_class_bias:
         assert torch.count_nonzero(table.weight) == 0
+    for table in decoder.rank_content_query:
+        assert torch.count_nonzero(table.weight) == table.weight.numel()
+        assert table.weight.abs().max() <= (6 / (7 + C)) ** 0.5
 
 
 def test_group_sizes_must_cover_the_queries():

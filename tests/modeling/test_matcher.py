@@ -16,13 +16,14 @@ def standard_cost(logit, box, label, gt_box, alpha=0.25, gamma=2.0):
         1 - p + 1e-8
     )
     l1 = sum(abs(a - b) for a, b in zip(box, gt_box))
-    return 2 * focal + 5 * l1 - 2 * ref.giou(ref.xyxy(box), ref.xyxy(gt_box))
+    return 2 * focal + 5 * l1 - 2 * ref.giou(ref.xyxy(box), ref.xyxy(gt_box), ref.RELEASE_IOU_EPS)
 
 
 def high_order_cost(logit, box, label, gt_box, power=4.0, quality="iou"):
     p = ref.sigmoid(logit[label])
     a, b = ref.xyxy(box), ref.xyxy(gt_box)
-    q = ref.iou(a, b) if quality == "iou" else (ref.giou(a, b) + 1) / 2
+    eps = ref.RELEASE_IOU_EPS
+    q = ref.iou(a, b, eps) if quality == "iou" else (ref.giou(a, b, eps) + 1) / 2
     return -(p * q**power)
 
 
