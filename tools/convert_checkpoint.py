@@ -4,7 +4,9 @@
     .venv/bin/python tools/convert_checkpoint.py rank_detr_r50_12ep.pth converted.pth
 
 The output holds {"model": state_dict} for rankdetr's RankDETR and loads with
-`train.init_checkpoint=converted.pth`. The input is read with `weights_only=True`, so no code in
+`train.init_checkpoint=converted.pth`. The decoder depth is read from the checkpoint (pass
+`--num-decoder-layers N` to insist on one); the sizes a matching config needs are printed. Every
+tensor must map: unknown ones are listed and nothing is written. The input is read with `weights_only=True`, so no code in
 it runs; the output is written to a temporary file and renamed, so a failure never leaves a
 half-written checkpoint behind.
 """
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from rankdetr.checkpoint import convert_release_state_dict
+from rankdetr.checkpoint import convert_release_state_dict, describe_release_checkpoint
 from rankdetr.checkpoint.backbone_weights import CheckpointError, read_weights_file
 
 
@@ -24,11 +26,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("input", type=Path, help="the release checkpoint (.pth)")
     parser.add_argument("output", type=Path, help="where to write the rankdetr checkpoint")
-    parser.add_argument("--num-decoder-layers", type=int, default=6)
+    parser.add_argument(
+        "--num-decoder-layers",
+        type=int,
+        default=None,
+        help="expected decoder depth (default: read from the checkpoint)",
+    )
     args = parser.parse_args()
     try:
         state = read_weights_file(args.input)
         converted = convert_release_state_dict(state, args.num_decoder_layers)
+        sizes = describe_release_checkpoint(state)
     except (CheckpointError, KeyError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -37,6 +45,7 @@ def main() -> int:
     torch.save({"model": converted, "converted_from": str(args.input)}, partial)
     os.replace(partial, args.output)
     print(f"wrote {len(converted)} tensors to {args.output}")
+    print("model sizes: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
     return 0
 
 

@@ -1,5 +1,9 @@
 """Checkpoint conversion and loading."""
 
-from rankdetr.checkpoint.release import convert_release_state_dict
+from rankdetr.checkpoint.release import (
+    convert_release_state_dict,
+    describe_release_checkpoint,
+    release_decoder_depth,
+)
 
-__all__ = ["convert_release_state_dict"]
+__all__ = ["convert_release_state_dict", "describe_release_checkpoint", "release_decoder_depth"]

@@ -2,7 +2,8 @@
 
 The release stores the per-layer class and box heads twice (as `class_embed.*` and
 `transformer.decoder.class_embed.*`, one shared module); they are checked to be equal and kept
-once. Its 7th head (index = number of decoder layers) belongs to the two-stage proposals.
+once. Its last head (index = number of decoder layers) belongs to the two-stage proposals. The
+decoder depth is read from the checkpoint's own tensor names.
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ import re
 
 import torch
 
-__all__ = ["convert_release_state_dict"]
+__all__ = [
+    "convert_release_state_dict",
+    "describe_release_checkpoint",
+    "release_decoder_depth",
+]
 
 _ENC = r"^transformer\.encoder\.layers\.(\d+)\."
 _DEC = r"^transformer\.decoder\.layers\.(\d+)\."
@@ -43,23 +48,35 @@ _RULES = [
 
 _HEAD = re.compile(r"^transformer\.decoder\.(class_embed|bbox_embed)\.(\d+)\.(.*)$")
 _DUPLICATE_HEAD = re.compile(r"^(class_embed|bbox_embed)\.(\d+)\.(.*)$")
+_DECODER_LAYER = re.compile(r"^transformer\.decoder\.layers\.(\d+)\.")
+_ENCODER_LAYER = re.compile(r"^transformer\.encoder\.layers\.(\d+)\.")
 
 
-def convert_release_state_dict(state_dict: dict, num_decoder_layers: int = 6) -> dict:
+def convert_release_state_dict(state_dict: dict, num_decoder_layers: int | None = None) -> dict:
     """Release names -> rankdetr names.
 
     Args:
-        state_dict: the release checkpoint's "model" entry.
-        num_decoder_layers: decoder layers; head index num_decoder_layers is the proposals' head.
+        state_dict: the release checkpoint's "model" entry (or any part of it that holds its
+            decoder layers, e.g. a dict of gradients).
+        num_decoder_layers: None reads the decoder depth from the checkpoint (the number of
+            `transformer.decoder.layers.<i>` blocks); a number is checked against it. The
+            per-layer heads 0..depth-1 go to the decoder, head `depth` to the two-stage proposals.
 
     Returns:
         A new state dict for :class:`rankdetr.modeling.RankDETR`.
 
     Raises:
-        KeyError: a tensor name this converter does not know (named in the message).
-        ValueError: the duplicated heads differ.
+        KeyError: tensors this converter cannot map (all of them named in the message).
+        ValueError: the depth cannot be read or disagrees with `num_decoder_layers`, a head index
+            does not fit the depth, or the duplicated heads differ.
     """
-    converted = {}
+    depth = release_decoder_depth(state_dict)
+    if num_decoder_layers is not None and num_decoder_layers != depth:
+        raise ValueError(
+            f"the checkpoint has {depth} decoder layers (transformer.decoder.layers.0..{depth - 1})"
+            f", but num_decoder_layers={num_decoder_layers} was asked for"
+        )
+    converted, unknown = {}, []
     for name, tensor in state_dict.items():
         duplicate = _DUPLICATE_HEAD.match(name)
         if duplicate:
@@ -69,11 +86,66 @@ def convert_release_state_dict(state_dict: dict, num_decoder_layers: int = 6) ->
             if original in state_dict:
                 continue
             name = original
-        converted[_rename(name, num_decoder_layers)] = tensor
+        new_name = _rename(name, depth)
+        if new_name is None:
+            unknown.append(name)
+        else:
+            converted[new_name] = tensor
+    if unknown:
+        shown = ", ".join(repr(n) for n in unknown[:10])
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        raise KeyError(f"unknown tensors in the release checkpoint: {shown}{more}")
     return converted
 
 
-def _rename(name: str, num_decoder_layers: int) -> str:
+def release_decoder_depth(state_dict: dict) -> int:
+    """Decoder layers of a release checkpoint, read from its tensor names; the per-layer heads
+    (`class_embed.<i>`, `bbox_embed.<i>`) must fit it (indices 0..depth, the last one being the
+    two-stage proposals' head)."""
+    layers = {int(m.group(1)) for m in map(_DECODER_LAYER.match, state_dict) if m}
+    if not layers:
+        raise ValueError(
+            "no transformer.decoder.layers.<i> tensors: this is not a Rank-DETR release checkpoint"
+        )
+    depth = max(layers) + 1
+    if layers != set(range(depth)):
+        missing = sorted(set(range(depth)) - layers)
+        raise ValueError(f"the checkpoint lacks decoder layers {missing} of 0..{depth - 1}")
+    heads = {
+        int(m.group(2))
+        for name in state_dict
+        for m in [_HEAD.match(name) or _DUPLICATE_HEAD.match(name)]
+        if m
+    }
+    if heads and max(heads) > depth:
+        raise ValueError(
+            f"head index {max(heads)} does not fit {depth} decoder layers (expected 0..{depth}, "
+            "the last for the two-stage proposals)"
+        )
+    return depth
+
+
+def describe_release_checkpoint(state_dict: dict) -> dict:
+    """The sizes a matching rankdetr config needs, read from a release checkpoint: encoder and
+    decoder layers, classes, queries (all groups), and whether RCH and QRL are present."""
+    depth = release_decoder_depth(state_dict)
+    encoder = {int(m.group(1)) for m in map(_ENCODER_LAYER.match, state_dict) if m}
+    head = state_dict.get("transformer.decoder.class_embed.0.weight")
+    if head is None:
+        head = state_dict.get("class_embed.0.weight")
+    queries = state_dict.get("query_embedding.weight")
+    return {
+        "encoder_layers": max(encoder) + 1 if encoder else 0,
+        "decoder_layers": depth,
+        "num_classes": None if head is None else int(head.shape[0]),
+        "total_queries": None if queries is None else int(queries.shape[0]),
+        "rch": any(n.startswith("rank_adaptive_classhead_emb.") for n in state_dict),
+        "qrl": any(".rank_aware_content_query." in n for n in state_dict),
+    }
+
+
+def _rename(name: str, num_decoder_layers: int) -> str | None:
+    """Our name for a release tensor, or None when no rule maps it."""
     head = _HEAD.match(name)
     if head:
         kind, index, rest = head.group(1), int(head.group(2)), head.group(3)
@@ -85,4 +157,4 @@ def _rename(name: str, num_decoder_layers: int) -> str:
         new, count = re.subn(pattern, replacement, name)
         if count:
             return new
-    raise KeyError(f"unknown tensor in the release checkpoint: {name!r}")
+    return None

@@ -1,9 +1,11 @@
 """The original release's R50 two-stage checkpoint layout loads strictly into our model."""
 
+import re
+
 import pytest
 import torch
 
-from rankdetr.checkpoint import convert_release_state_dict
+from rankdetr.checkpoint import convert_release_state_dict, describe_release_checkpoint
 from rankdetr.modeling.backbone import ResNetBackbone
 from rankdetr.modeling.neck import ChannelMapper
 from rankdetr.modeling.rank_detr import RankDETR
@@ -88,5 +90,62 @@ def test_diverging_duplicate_heads_and_unknown_names_are_refused():
     release["class_embed.0.weight"] = release["class_embed.0.weight"] + 1
     with pytest.raises(ValueError, match="should be one module"):
         convert_release_state_dict(release)
-    with pytest.raises(KeyError, match="transformer.mystery"):
-        convert_release_state_dict({"transformer.mystery.weight": torch.zeros(1)})
+    release = fake_release_state_dict()
+    release["transformer.mystery.weight"] = torch.zeros(1)
+    release["extra.head.bias"] = torch.zeros(1)
+    with pytest.raises(KeyError, match="'transformer.mystery.weight', 'extra.head.bias'"):
+        convert_release_state_dict(release)
+    with pytest.raises(ValueError, match="not a Rank-DETR release checkpoint"):
+        convert_release_state_dict({"backbone.stem.conv1.weight": torch.zeros(1)})
+
+
+def three_layer_release() -> dict:
+    """The R50 release layout cut to 3 decoder layers: layers, QRL / RCH tables and heads 0..2
+    kept, the proposals' head (index 6 in the 6-layer layout) renumbered to 3."""
+    cut = {}
+    for name, tensor in fake_release_state_dict().items():
+        match = re.match(
+            r"^(transformer\.decoder\.layers|transformer\.decoder\.(?:rank_aware_content_query"
+            r"|pre_racq_trans|post_racq_trans)|rank_adaptive_classhead_emb"
+            r"|(?:transformer\.decoder\.)?(?:class_embed|bbox_embed))\.(\d+)\.(.*)$",
+            name,
+        )
+        if not match:
+            cut[name] = tensor
+            continue
+        prefix, index, rest = match.group(1), int(match.group(2)), match.group(3)
+        is_head = prefix.endswith(("class_embed", "bbox_embed"))
+        if is_head and index == 6:
+            index = 3
+        elif index >= (3 if is_head or "layers" in prefix or "classhead" in prefix else 2):
+            continue
+        cut[f"{prefix}.{index}.{rest}"] = tensor
+    return cut
+
+
+def test_the_decoder_depth_is_read_from_the_checkpoint():
+    release = three_layer_release()
+    assert describe_release_checkpoint(release)["decoder_layers"] == 3
+    converted = convert_release_state_dict(release)  # no depth given: read from the names
+    backbone = ResNetBackbone(depth=50)
+    neck = ChannelMapper(in_channels=backbone.out_channels, out_channels=256, num_extra_levels=1)
+    model = RankDETR(backbone=backbone, neck=neck, num_classes=80, decoder_layers=3)
+    model.load_state_dict(converted, strict=True)
+    assert torch.equal(
+        model.proposals.class_head.weight, release["transformer.decoder.class_embed.3.weight"]
+    )
+    assert torch.equal(
+        model.decoder.class_heads[2].weight, release["transformer.decoder.class_embed.2.weight"]
+    )
+    with pytest.raises(ValueError, match="has 3 decoder layers .* num_decoder_layers=6"):
+        convert_release_state_dict(release, num_decoder_layers=6)
+
+
+def test_inconsistent_depths_are_named():
+    release = three_layer_release()
+    gap = {k: v for k, v in release.items() if not k.startswith("transformer.decoder.layers.1.")}
+    with pytest.raises(ValueError, match=r"lacks decoder layers \[1\]"):
+        convert_release_state_dict(gap)
+    release["transformer.decoder.class_embed.5.weight"] = torch.zeros(80, 256)
+    with pytest.raises(ValueError, match="head index 5 does not fit 3 decoder layers"):
+        convert_release_state_dict(release)

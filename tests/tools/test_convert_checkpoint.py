@@ -35,3 +35,22 @@ def test_bad_input_is_reported_and_nothing_is_written(tmp_path):
     )
     assert result.returncode == 1 and "junk.pth" in result.stderr
     assert not (tmp_path / "ours.pth").exists()
+
+
+def test_a_three_layer_checkpoint_converts_without_being_told_its_depth(tmp_path):
+    from tests.checkpoint.test_release import three_layer_release
+
+    torch.save({"model": three_layer_release()}, tmp_path / "release.pth")
+    command = [sys.executable, str(TOOL), str(tmp_path / "release.pth"), str(tmp_path / "o.pth")]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "decoder_layers=3" in result.stdout and "encoder_layers=6" in result.stdout
+    converted = torch.load(tmp_path / "o.pth", weights_only=True)["model"]
+    assert "proposals.class_head.weight" in converted and "decoder.class_heads.3.weight" not in (
+        converted
+    )
+    # Insisting on another depth fails, naming both, and writes nothing.
+    (tmp_path / "o.pth").unlink()
+    result = subprocess.run(command + ["--num-decoder-layers", "6"], capture_output=True, text=True)
+    assert result.returncode == 1 and "has 3 decoder layers" in result.stderr
+    assert not (tmp_path / "o.pth").exists()
