@@ -6,9 +6,9 @@
 The output holds {"model": state_dict} for rankdetr's RankDETR and loads with
 `train.init_checkpoint=converted.pth`. The decoder depth is read from the checkpoint (pass
 `--num-decoder-layers N` to insist on one); the sizes a matching config needs are printed. Every
-tensor must map: unknown ones are listed and nothing is written. The input is read with `weights_only=True`, so no code in
-it runs; the output is written to a temporary file and renamed, so a failure never leaves a
-half-written checkpoint behind.
+tensor must map: unknown ones are listed and nothing is written. The input is read with
+`weights_only=True`, so no code in it runs; the output is written to a temporary file and
+renamed, so a failure never leaves a half-written checkpoint behind.
 """
 
 import argparse
