@@ -13,6 +13,11 @@ pattern is realistic rather than uniformly random.
 
     python tools/benchmark_ms_deform_attn.py                       # CPU, and CUDA if present
     python tools/benchmark_ms_deform_attn.py --device cuda --repeats 20
+    python tools/benchmark_ms_deform_attn.py --amp bf16 --sizes decoder   # the autocast contract
+
+`--amp` adds a table for the op's precision contract under autocast: ours (half-precision value
+and weights, float32 locations, computed in float32) against computing everything in half
+precision (locations rounded too), each as time and error against float32 on float32 inputs.
 """
 
 from __future__ import annotations
@@ -128,6 +133,9 @@ def main() -> None:
         "--cuda-dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "fp16", "bf16"]
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--amp", choices=["bf16", "fp16"], default=None, help="also print the autocast table"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -186,6 +194,65 @@ def main() -> None:
             f"| {ref_fwd / fwd:.1f}x | {both * 1e3:.2f} | {ref_both * 1e3:.2f} "
             f"| {ref_both / both:.1f}x | {(both - fwd) / fwd:.2f} |"
         )
+    if args.amp:
+        print_autocast_table(args, devices, sizes)
+
+
+def autocast_choice_rows(device: str, size: str, half: torch.dtype, repeats: int, warmup: int):
+    """(variant, forward seconds, max abs error, error relative to max |output|) rows, the
+    errors against the float32 op on float32 inputs."""
+    inputs = make_inputs(size, device, torch.float32)
+    exact = ms_deform_attn(*inputs.args(False))
+    scale = exact.abs().max().item()
+    rounded = Inputs(
+        inputs.value.to(half),
+        inputs.spatial_shapes,
+        inputs.level_start_index,
+        inputs.sampling_locations,
+        inputs.attention_weights.to(half),
+    )
+    all_half = Inputs(
+        rounded.value,
+        inputs.spatial_shapes,
+        inputs.level_start_index,
+        inputs.sampling_locations.to(half),
+        rounded.attention_weights,
+    )
+
+    def under_autocast(*args):
+        with torch.autocast(device, dtype=half):
+            return ms_deform_attn(*args)
+
+    variants = [
+        ("float32 inputs, float32 op", ms_deform_attn, inputs),
+        ("autocast: half value/weights, fp32 locations, fp32 op (ours)", under_autocast, rounded),
+        ("all half, locations rounded too (reference op)", ms_deform_attn_reference, all_half),
+    ]
+    rows = []
+    for name, fn, variant_inputs in variants:
+        with torch.no_grad():
+            error = (fn(*variant_inputs.args(False)).float() - exact).abs().max().item()
+        seconds = time_call(fn, variant_inputs, False, repeats, warmup, device)
+        rows.append((name, seconds, error, error / scale))
+    return rows
+
+
+def print_autocast_table(args, devices, sizes) -> None:
+    half = DTYPES[args.amp]
+    print(f"\nPrecision under autocast ({args.amp}), forward, error against float32:\n")
+    print("| device | size | variant | fwd (ms) | max abs error | relative to max |output| |")
+    print("|---|---|---|---:|---:|---:|")
+    for device in devices:
+        if device == "cpu" and half == torch.float16:
+            continue  # CPU autocast is bf16
+        for size in sizes:
+            for name, seconds, error, relative in autocast_choice_rows(
+                device, size, half, args.repeats, args.warmup
+            ):
+                print(
+                    f"| {device} | {size} | {name} | {seconds * 1e3:.2f} | {error:.2e} "
+                    f"| {relative:.2e} |"
+                )
 
 
 if __name__ == "__main__":

@@ -4,9 +4,12 @@
 The input: batch 2, images 320x320 and 288x320 with 2 boxes each, 300 one-to-one + 1500
 one-to-many queries, all four rank components on. Rows: rankdetr as built (compiled
 MSDeformAttn), and the same model with the pure-PyTorch MSDeformAttn as the in-process baseline.
-`--profile` adds the top operators of one training step (torch.profiler).
+`--profile` adds the top operators of one training step (torch.profiler). `--amp bf16` adds
+rankdetr under CPU bf16 autocast, with how far its losses and detection scores are from float32
+on the same batch and weights.
 
     .venv/bin/python tools/benchmark_train_step.py --repeats 3 --profile
+    .venv/bin/python tools/benchmark_train_step.py --amp bf16 --skip-baseline
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import statistics
 import time
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from detectron2.structures import Boxes, Instances
@@ -60,8 +64,9 @@ def reference_op(enabled: bool):
         msda_module.ms_deform_attn = original
 
 
-def train_step(model, optimizer, batch) -> None:
-    losses = model(batch)
+def train_step(model, optimizer, batch, amp: torch.dtype | None = None) -> None:
+    with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        losses = model(batch)
     optimizer.zero_grad(set_to_none=True)
     sum(losses.values()).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
@@ -84,6 +89,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--profile", action="store_true", help="print the top ops of a step")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--amp", choices=["bf16"], default=None, help="add a CPU autocast row")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -91,22 +97,30 @@ def main() -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batch = fixed_batch()
 
-    def train():
-        model.train()
-        train_step(model, optimizer, batch)
+    amp = torch.bfloat16 if args.amp == "bf16" else None
+    if amp is not None:
+        print_autocast_differences(model, batch, amp)
 
-    def infer():
+    def train(amp=None):
+        model.train()
+        train_step(model, optimizer, batch, amp)
+
+    def infer(amp=None):
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=bool(amp)):
             model(batch)
 
+    variants = [("rankdetr", False, None)]
+    if amp is not None:
+        variants.append((f"rankdetr, {args.amp} autocast", False, amp))
+    if not args.skip_baseline:
+        variants.append(("pure-PyTorch MSDeformAttn", True, None))
     rows = []
-    for name, use_reference in [("rankdetr", False), ("pure-PyTorch MSDeformAttn", True)]:
-        if use_reference and args.skip_baseline:
-            continue
+    for name, use_reference, variant_amp in variants:
         with reference_op(use_reference):
-            rows.append((name, time_it(train, args.repeats, f"{name} train"),
-                         time_it(infer, args.repeats, f"{name} infer")))  # fmt: skip
+            train_s = time_it(partial(train, variant_amp), args.repeats, f"{name} train")
+            infer_s = time_it(partial(infer, variant_amp), args.repeats, f"{name} infer")
+        rows.append((name, train_s, infer_s))
 
     print(
         f"\nR50 two-stage, 300+1500 queries, batch 2 (320x320, 288x320), CPU, {args.threads} thr."
@@ -126,6 +140,31 @@ def main() -> None:
             train()
         print("\nTop operators of one training step (self CPU time):")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+def print_autocast_differences(model, batch, amp: torch.dtype) -> None:
+    """Losses and detection scores under autocast against float32, same weights and batch."""
+    results = {}
+    for name, dtype in (("fp32", None), ("amp", amp)):
+        with (
+            torch.no_grad(),
+            torch.autocast("cpu", dtype=dtype or torch.float32, enabled=bool(dtype)),
+        ):
+            model.train()
+            losses = {k: v.item() for k, v in model(batch).items()}
+            model.eval()
+            scores = [r["instances"].scores.sort(descending=True).values for r in model(batch)]
+        results[name] = losses, scores
+    (losses32, scores32), (losses_amp, scores_amp) = results["fp32"], results["amp"]
+    total32, total_amp = sum(losses32.values()), sum(losses_amp.values())
+    term = max(losses32, key=lambda k: abs(losses_amp[k] - losses32[k]) / abs(losses32[k]))
+    score_error = max((a - b).abs().max().item() for a, b in zip(scores32, scores_amp))
+    print(
+        f"\n{amp} autocast vs float32: total loss {total_amp:.4f} vs {total32:.4f} "
+        f"({abs(total_amp - total32) / total32:.2%}); largest term difference {term} "
+        f"{losses_amp[term]:.4f} vs {losses32[term]:.4f}; sorted detection scores differ by at "
+        f"most {score_error:.4f}"
+    )
 
 
 if __name__ == "__main__":

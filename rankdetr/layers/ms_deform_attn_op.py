@@ -14,6 +14,15 @@ and P points per level:
 Sampling equals ``F.grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)`` on
 the grid ``2 * sampling_locations - 1``: points outside a map read zeros, and a NaN or infinite
 location yields NaN.
+
+Precision under autocast (CPU or CUDA): the op runs in float32. ``value`` and the attention
+weights (bf16/fp16 out of autocast's linear layers) and the sampling locations are cast to float32
+first, and the output is float32 (the next linear layer autocasts it again). Sampling locations
+are never rounded to half precision: near 1.0 a bf16 step is 1/128, 0.4 px on a 100-px level. The
+rule is registered with the dispatcher for ``torch.ops.rankdetr.ms_deform_attn_forward`` and
+applied by :func:`ms_deform_attn` itself (which the pure-PyTorch fallback also goes through).
+Outside autocast the three floating inputs must share one dtype (the CUDA kernel takes float16
+and bfloat16 too, accumulating in float32).
 """
 
 from __future__ import annotations
@@ -231,6 +240,9 @@ def ms_deform_attn(
     TypeError/ValueError for inconsistent inputs; see :func:`_check_inputs` for which checks are
     skipped to avoid a device sync.
     """
+    value, sampling_locations, attention_weights = _autocast_to_float32(
+        value, sampling_locations, attention_weights
+    )
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     # The kernels read int64 tables; .long() returns the tensor itself when it already is.
     spatial_shapes, level_start_index = spatial_shapes.long(), level_start_index.long()
@@ -241,6 +253,18 @@ def ms_deform_attn(
     return ms_deform_attn_reference(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
+
+
+def _autocast_to_float32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast on the tensors' device, floating inputs in float32 (float64 ones are kept
+    and then lift the others to float64); otherwise unchanged. See the module docstring."""
+    device_type = tensors[0].device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(
+        device_type
+    ):
+        return tensors
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -284,6 +308,10 @@ def _register() -> None:
     torch.library.register_autograd(
         "rankdetr::ms_deform_attn_forward", _backward, setup_context=_setup_context
     )
+    for device_type in ("cpu", "cuda"):  # the precision contract of the module docstring
+        torch.library.register_autocast(
+            "rankdetr::ms_deform_attn_forward", device_type, torch.float32
+        )
 
 
 _register()

@@ -46,3 +46,19 @@ def test_two_cpu_processes_train_a_few_iterations(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "out" / "model_final.pth").is_file()
     assert "iter: 2" in result.stdout + result.stderr
+
+
+def test_the_demo_trains_under_bf16_autocast(tmp_path):
+    """The command that crashed before the op had an autocast contract (issue: AMP on real
+    models): two iterations of the demo config with train.amp=bf16 on the CPU."""
+    result = run_train_net(
+        "train.amp=bf16",
+        "train.max_iter=2",
+        "train.eval_period=0",
+        "train.log_period=1",
+        "dataloader.train.num_workers=0",
+        f"train.output_dir={tmp_path / 'out'}",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "out" / "model_final.pth").is_file()
+    assert "iter: 1" in result.stdout + result.stderr
