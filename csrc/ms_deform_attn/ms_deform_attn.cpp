@@ -19,8 +19,8 @@ TORCH_LIBRARY(rankdetr, m) {
       "Tensor sampling_locations, Tensor attention_weights) -> Tensor");
   m.def(
       "ms_deform_attn_backward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
-      "Tensor sampling_locations, Tensor attention_weights, Tensor grad_output) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor sampling_locations, Tensor attention_weights, Tensor grad_output, "
+      "bool compute_grad_value=True) -> (Tensor, Tensor, Tensor)");
   m.def("cuda_compiled() -> bool", []() -> bool {
 #ifdef WITH_CUDA
     return true;

@@ -29,14 +29,17 @@ at::Tensor ms_deform_attn_forward_cpu(
     const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights);
 
-// Returns (grad_value, grad_sampling_locations, grad_attention_weights).
+// Returns (grad_value, grad_sampling_locations, grad_attention_weights). With
+// compute_grad_value == false, grad_value is an empty (0,) tensor and is never computed (only the
+// locations and weights need a gradient).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& value,
     const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index,
     const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights,
-    const at::Tensor& grad_output);
+    const at::Tensor& grad_output,
+    bool compute_grad_value);
 
 #ifdef WITH_CUDA
 at::Tensor ms_deform_attn_forward_cuda(
@@ -46,13 +49,17 @@ at::Tensor ms_deform_attn_forward_cuda(
     const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights);
 
+// Accumulates grad_value with atomics, so it is nondeterministic: under
+// torch.use_deterministic_algorithms(True) it raises (alertNotDeterministic) when it has to
+// compute grad_value.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& value,
     const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index,
     const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights,
-    const at::Tensor& grad_output);
+    const at::Tensor& grad_output,
+    bool compute_grad_value);
 #endif
 
 }  // namespace rankdetr

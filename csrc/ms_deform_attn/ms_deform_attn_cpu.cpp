@@ -23,7 +23,16 @@
 // Non-finite locations: as with grid_sample, a NaN or infinite location makes that sample NaN (so
 // its output row, and that point's location and weight gradients, become NaN) but never reads
 // memory: a location is only turned into an integer index after comparisons that are false for
-// NaN have proven it lies strictly inside (-1, w) x (-1, h).
+// NaN have proven it lies inside [-1, w) x [-1, h).
+//
+// Borders follow grid_sample: a point at exactly -1 in pixel space (the centre of the padding
+// pixel left of or above the map) has its other corners inside the map with weight 0, so its
+// sample is 0 but its location gradient is not. A point at w or h (or beyond) has no corner
+// inside: sample and gradients 0.
+//
+// Non-finite attention weights propagate as in weight * sample: a point off the map samples 0, so
+// a NaN or infinite weight there makes the output row NaN (inf * 0) and the point's location
+// gradient NaN; its weight gradient is grad_output . 0 = 0. CUDA and the reference agree.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -83,8 +92,9 @@ RANKDETR_ALWAYS_INLINE Where locate(
   const scalar_t x = loc_x * static_cast<scalar_t>(w) - static_cast<scalar_t>(0.5);
   const scalar_t y = loc_y * static_cast<scalar_t>(h) - static_cast<scalar_t>(0.5);
   // Written so that NaN fails it: only proven-finite, in-range values reach the integer casts.
-  if (!(x > static_cast<scalar_t>(-1) && x < static_cast<scalar_t>(w) &&
-        y > static_cast<scalar_t>(-1) && y < static_cast<scalar_t>(h))) {
+  // -1 itself is inside: its corner at 0 has weight 0 but carries the location gradient.
+  if (!(x >= static_cast<scalar_t>(-1) && x < static_cast<scalar_t>(w) &&
+        y >= static_cast<scalar_t>(-1) && y < static_cast<scalar_t>(h))) {
     return (std::isfinite(x) && std::isfinite(y)) ? Where::kOutside : Where::kNonFinite;
   }
   const scalar_t xf = std::floor(x);
@@ -208,7 +218,9 @@ RANKDETR_ALWAYS_INLINE void forward_range(
           Corners<scalar_t> c;
           const Where where = locate(loc_p[0], loc_p[1], lh, lw, c);
           if (where != Where::kInside) {
-            poisoned[h] |= where == Where::kNonFinite;
+            // Off the map the sample is 0: only a non-finite location or weight changes the
+            // output (to NaN, as weight * sample would).
+            poisoned[h] |= where == Where::kNonFinite || !std::isfinite(*attn_p);
             continue;
           }
           ForwardPoint<scalar_t>& point = points[count++];
@@ -352,6 +364,7 @@ RANKDETR_ALWAYS_INLINE void backward_range(
     int64_t end) {
   const int64_t D = channels<kD>(g.D);
   const int64_t H = g.H, L = g.L, P = g.P, Lq = g.Lq;
+  const bool write_value = grad_value != nullptr;  // else only locations and weights
   const int64_t groups = (H + heads_per_item - 1) / heads_per_item;
   const int64_t row_stride = H * D;
   const scalar_t nan = std::numeric_limits<scalar_t>::quiet_NaN();
@@ -379,7 +392,7 @@ RANKDETR_ALWAYS_INLINE void backward_range(
       const int64_t lh = g.level_h[l], lw = g.level_w[l];
       const scalar_t scale_x = static_cast<scalar_t>(lw), scale_y = static_cast<scalar_t>(lh);
       const int64_t level_offset = (n * g.S + g.level_start[l]) * row_stride;
-      if (g.levels_tile) {
+      if (g.levels_tile && write_value) {
         // This item owns these rows, so it zeroes them: in parallel, and just before use, rather
         // than in a separate single pass over the whole of grad_value.
         for (int64_t key = 0; key < lh * lw; ++key) {
@@ -393,25 +406,32 @@ RANKDETR_ALWAYS_INLINE void backward_range(
         for (int64_t h = h_begin; h < h_end; ++h) {
           const int64_t nqh = (n * Lq + q) * H + h;
           const scalar_t* base = value + level_offset + h * D;
-          scalar_t* grad_base = grad_value + level_offset + h * D;
+          scalar_t* grad_base = write_value ? grad_value + level_offset + h * D : nullptr;
           const int64_t point0 = (nqh * L + l) * P;
           for (int64_t index = point0; index < point0 + P; ++index) {
             Corners<scalar_t> c;
             const Where where = locate(loc[2 * index], loc[2 * index + 1], lh, lw, c);
             if (where != Where::kInside) {
-              const scalar_t fill = where == Where::kNonFinite ? nan : static_cast<scalar_t>(0);
-              grad_loc[2 * index] = fill;
-              grad_loc[2 * index + 1] = fill;
-              grad_attn[index] = fill;
+              // Off the map: d/d weight = grad_output . 0 = 0, d/d location = weight * 0 (NaN
+              // for a non-finite weight); a non-finite location makes both NaN.
+              const bool bad_location = where == Where::kNonFinite;
+              const scalar_t location_fill = bad_location ? nan : attn[index] * scalar_t(0);
+              grad_loc[2 * index] = location_fill;
+              grad_loc[2 * index + 1] = location_fill;
+              grad_attn[index] = bad_location ? nan : static_cast<scalar_t>(0);
               continue;
             }
             BackwardPoint<scalar_t>& point = batch[count++];
             for (int k = 0; k < 4; ++k) {
               if (c.valid[k]) {
                 point.row[k] = base + c.row[k] * row_stride;
-                point.grad_row[k] = grad_base + c.row[k] * row_stride;
                 prefetch_row<scalar_t, 0>(point.row[k], D);
-                prefetch_row<scalar_t, 1>(point.grad_row[k], D);
+                if (write_value) {
+                  point.grad_row[k] = grad_base + c.row[k] * row_stride;
+                  prefetch_row<scalar_t, 1>(point.grad_row[k], D);
+                } else {
+                  point.grad_row[k] = sinks + k * D;
+                }
               } else {
                 point.row[k] = zeros;
                 point.grad_row[k] = sinks + k * D;
@@ -690,7 +710,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& level_start_index,
     const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights,
-    const at::Tensor& grad_output) {
+    const at::Tensor& grad_output,
+    bool compute_grad_value) {
   const Geometry g = check_inputs(
       value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   TORCH_CHECK(
@@ -705,7 +726,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const at::Tensor grad_out_c = grad_output.to(value.scalar_type()).contiguous();
   // grad_value is accumulated into: zeroed by the items that own its rows when the levels tile S,
   // else here. The other two are written entry by entry.
-  at::Tensor grad_value = at::empty_like(value_c);
+  at::Tensor grad_value =
+      compute_grad_value ? at::empty_like(value_c) : at::empty({0}, value_c.options());
   at::Tensor grad_loc = at::empty_like(loc_c);
   at::Tensor grad_attn = at::empty_like(attn_c);
   if (g.N * g.Lq * g.H * g.L * g.P == 0 || g.D == 0) {
@@ -714,7 +736,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     grad_attn.zero_();
     return {grad_value, grad_loc, grad_attn};
   }
-  if (!g.levels_tile) grad_value.zero_();
+  if (!g.levels_tile && compute_grad_value) grad_value.zero_();
 
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     const BackwardFn<scalar_t> fn = select_backward<scalar_t>(g.D);
@@ -722,7 +744,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const scalar_t* loc = loc_c.data_ptr<scalar_t>();
     const scalar_t* a = attn_c.data_ptr<scalar_t>();
     const scalar_t* go = grad_out_c.data_ptr<scalar_t>();
-    scalar_t* gv = grad_value.data_ptr<scalar_t>();
+    scalar_t* gv = compute_grad_value ? grad_value.data_ptr<scalar_t>() : nullptr;
     scalar_t* gl = grad_loc.data_ptr<scalar_t>();
     scalar_t* ga = grad_attn.data_ptr<scalar_t>();
     const int64_t hpi = heads_per_item(g);

@@ -93,12 +93,17 @@ __device__ __forceinline__ void load_levels(
 
 __device__ __forceinline__ float dev_floor(float v) { return floorf(v); }
 __device__ __forceinline__ double dev_floor(double v) { return floor(v); }
-// fmax/fmin return the non-NaN operand, so a NaN coordinate clamps to `lo`.
-__device__ __forceinline__ int clamp_to_int(float v, float lo, float hi) {
-  return static_cast<int>(fminf(fmaxf(v, lo), hi));
+// floor(v) as an int in [-2, size]: a value clamped there has all its corners outside [0, size),
+// exactly like the unclamped one. The float is first clamped to [-2, 2^30] (exact in float, and
+// fmax/fmin turn NaN into -2), converted, and only then clamped to `size` in integers: clamping
+// to float(size) would round sizes above 2^24 and could land a far-right point on the last column.
+__device__ __forceinline__ int clamp_to_int(float v, int size) {
+  const int i = static_cast<int>(fminf(fmaxf(v, -2.0f), 1073741824.0f));
+  return min(i, size);
 }
-__device__ __forceinline__ int clamp_to_int(double v, double lo, double hi) {
-  return static_cast<int>(fmin(fmax(v, lo), hi));
+__device__ __forceinline__ int clamp_to_int(double v, int size) {
+  const int i = static_cast<int>(fmin(fmax(v, -2.0), 1073741824.0));
+  return min(i, size);
 }
 
 // Bilinear footprint of one sampling point on one level.
@@ -120,10 +125,11 @@ __device__ __forceinline__ Bilinear<acc_t> bilinear_setup(
   const acc_t y0f = dev_floor(y);
   b.fx = x - x0f;
   b.fy = y - y0f;
-  // Clamp into [-2, size] before the integer conversion (NaN -> -2, +-inf -> an end): a clamped
-  // value has both of its corners outside [0, size), exactly like the unclamped one.
-  const int x0 = clamp_to_int(x0f, static_cast<acc_t>(-2), static_cast<acc_t>(w));
-  const int y0 = clamp_to_int(y0f, static_cast<acc_t>(-2), static_cast<acc_t>(h));
+  // Clamp into [-2, size] (NaN -> -2, +-inf -> an end): a clamped value has both of its corners
+  // outside [0, size), exactly like the unclamped one. x = -1 keeps its corner at 0 (weight 0,
+  // non-zero location gradient), as grid_sample and the CPU kernel do.
+  const int x0 = clamp_to_int(x0f, w);
+  const int y0 = clamp_to_int(y0f, h);
   const bool x0_in = x0 >= 0 && x0 < w;
   const bool x1_in = x0 >= -1 && x0 < w - 1;
   const bool y0_in = y0 >= 0 && y0 < h;
@@ -406,7 +412,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, min_blocks_per_sm<scalar_t>(
 
   const int64_t nh_offset = n * S * key_stride + static_cast<int64_t>(head) * D;
   const scalar_t* value_nh = value + nh_offset;
-  acc_t* grad_value_nh = grad_value + nh_offset;
+  // grad_value == nullptr: only the locations and weights need a gradient.
+  acc_t* grad_value_nh = grad_value != nullptr ? grad_value + nh_offset : nullptr;
+  const bool write_value = active && grad_value != nullptr;
   const scalar_t* grad_out = grad_output + g * D;
   const int64_t point_base = g * L * P;  // index of (g, level 0, point 0)
 
@@ -442,12 +450,13 @@ __global__ void __launch_bounds__(kThreadsPerBlock, min_blocks_per_sm<scalar_t>(
       const acc_t w11 = b.fy * b.fx;
 
       const scalar_t* value_p00 = value_nh + level_offset + b.off00;
-      acc_t* grad_value_p00 = grad_value_nh + level_offset + b.off00;
+      acc_t* grad_value_p00 =
+          grad_value_nh != nullptr ? grad_value_nh + level_offset + b.off00 : nullptr;
       acc_t t00 = acc_t(0), t01 = acc_t(0), t10 = acc_t(0), t11 = acc_t(0);
       if (c0 < D) {
         backward_chunk<scalar_t, acc_t, VEC>(
             value_p00, grad_value_p00, key_stride, row_stride, b, a * w00, a * w01, a * w10,
-            a * w11, go0, c0, active, t00, t01, t10, t11);
+            a * w11, go0, c0, write_value, t00, t01, t10, t11);
       }
       for (int k = 1; k < num_chunks; ++k) {
         const int c = c0 + k * chunk_stride;
@@ -456,7 +465,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, min_blocks_per_sm<scalar_t>(
           load_vec<VEC>(grad_out + c, go);
           backward_chunk<scalar_t, acc_t, VEC>(
               value_p00, grad_value_p00, key_stride, row_stride, b, a * w00, a * w01, a * w10,
-              a * w11, go, c, active, t00, t01, t10, t11);
+              a * w11, go, c, write_value, t00, t01, t10, t11);
         }
       }
 
@@ -606,12 +615,13 @@ void launch_backward(
     const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights,
     const at::Tensor& grad_output,
-    at::Tensor& grad_value_acc,
+    at::Tensor& grad_value_acc,  // empty: grad_value is not computed
     at::Tensor& grad_sampling_locations,
     at::Tensor& grad_attention_weights,
     const Sizes& s,
     cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
+  acc_t* grad_value_p = grad_value_acc.numel() > 0 ? grad_value_acc.data_ptr<acc_t>() : nullptr;
   // Lanes per head: enough for one chunk of VEC channels each, a power of two, at most a warp.
   const int64_t chunks = (s.D + VEC - 1) / VEC;
   int log2_group = 0;
@@ -625,7 +635,7 @@ void launch_backward(
           value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
           level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<scalar_t>(),
           attention_weights.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(),
-          grad_value_acc.data_ptr<acc_t>(), grad_sampling_locations.data_ptr<scalar_t>(),
+          grad_value_p, grad_sampling_locations.data_ptr<scalar_t>(),
           grad_attention_weights.data_ptr<scalar_t>(), num_heads, s.S, static_cast<int>(s.H),
           static_cast<int>(s.D), static_cast<int>(s.Lq), static_cast<int>(s.L),
           static_cast<int>(s.P), log2_group);
@@ -678,10 +688,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& level_start_index_in,
     const at::Tensor& sampling_locations_in,
     const at::Tensor& attention_weights_in,
-    const at::Tensor& grad_output_in) {
+    const at::Tensor& grad_output_in,
+    bool compute_grad_value) {
   const Sizes s = check_inputs(value_in, spatial_shapes_in, level_start_index_in,
                                sampling_locations_in, attention_weights_in);
   check_same_device(grad_output_in, "grad_output", value_in);
+  if (compute_grad_value) {
+    // Float atomics make the sum order, and so the last bits of grad_value, vary between runs.
+    at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
+  }
   TORCH_CHECK(grad_output_in.scalar_type() == value_in.scalar_type(),
               "ms_deform_attn (CUDA): grad_output must have value's dtype (",
               value_in.scalar_type(), "), got ", grad_output_in.scalar_type());
@@ -700,7 +715,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   const auto dtype = value.scalar_type();
   // grad_value is accumulated in the op-math type (float32 for the half types, cast at the end).
   const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor grad_value_acc = at::zeros(value.sizes(), value.options().dtype(acc_dtype));
+  at::Tensor grad_value_acc =
+      compute_grad_value ? at::zeros(value.sizes(), value.options().dtype(acc_dtype))
+                         : at::empty({0}, value.options().dtype(acc_dtype));
   if (s.N * s.Lq * s.H == 0 || s.D == 0) {
     // No head, or no channel: the gradients are all zero.
     return std::make_tuple(grad_value_acc.to(dtype), at::zeros_like(sampling_locations),
@@ -716,7 +733,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
         const bool vectorised = s.D % kVec == 0 &&
             is_aligned(value.data_ptr(), kVec * sizeof(scalar_t)) &&
             is_aligned(grad_output.data_ptr(), kVec * sizeof(scalar_t)) &&
-            is_aligned(grad_value_acc.data_ptr(), kVec * grad_value_acc.element_size());
+            (!compute_grad_value ||
+             is_aligned(grad_value_acc.data_ptr(), kVec * grad_value_acc.element_size()));
         if (vectorised) {
           launch_backward<scalar_t, kVec>(value, spatial_shapes, level_start_index,
                                           sampling_locations, attention_weights, grad_output,

@@ -276,11 +276,19 @@ def _backward(ctx, grad_output):
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = (
         ctx.saved_tensors
     )
+    # grad_value is the costly part (a scatter over all keys): skip it when value needs none.
+    compute_grad_value = ctx.needs_input_grad[0]
     grad_value, grad_locations, grad_weights = torch.ops.rankdetr.ms_deform_attn_backward(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        grad_output,
+        compute_grad_value,
     )
     # spatial_shapes and level_start_index are integer tables: no gradient.
-    return grad_value, None, None, grad_locations, grad_weights
+    return grad_value if compute_grad_value else None, None, None, grad_locations, grad_weights
 
 
 def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -289,11 +297,17 @@ def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, 
 
 
 def _backward_fake(
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
+    value,
+    spatial_shapes,
+    level_start_index,
+    sampling_locations,
+    attention_weights,
+    grad_output,
+    compute_grad_value=True,
 ):
     # The kernels return contiguous gradients whatever the inputs' strides; the fakes must agree.
     return (
-        value.new_empty(value.shape),
+        value.new_empty(value.shape if compute_grad_value else (0,)),
         sampling_locations.new_empty(sampling_locations.shape),
         attention_weights.new_empty(attention_weights.shape),
     )
