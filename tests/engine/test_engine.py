@@ -140,9 +140,17 @@ def test_short_demo_run_trains_evaluates_and_resumes(tmp_path):
     assert (out / "model_final.pth").is_file() and (out / "last_checkpoint").is_file()
     metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert any("loss_class" in m for m in metrics) and any("bbox/AP" in m for m in metrics)
-    # Resuming a finished run restores the iteration and does not train further.
+    # Resuming a finished run restores the iteration and does not train further: no new
+    # training step is logged and the final weights stay those of the first run.
+    final_weights = torch.load(out / "model_final.pth", weights_only=True)["model"]
+    steps_logged = sum("total_loss" in m for m in metrics)
     cfg = load_config(DEMO, overrides)
     do_train(cfg, resume=True)
+    metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert sum("total_loss" in m for m in metrics) == steps_logged
+    resumed_weights = torch.load(out / "model_final.pth", weights_only=True)["model"]
+    for name, tensor in final_weights.items():
+        assert torch.equal(resumed_weights[name], tensor), name
     cfg = load_config(DEMO, overrides + [f"train.init_checkpoint={out / 'model_final.pth'}"])
     model = build_model(cfg)
     from detectron2.checkpoint import DetectionCheckpointer

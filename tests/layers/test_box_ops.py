@@ -42,10 +42,24 @@ def test_pairwise_and_elementwise_iou_and_giou():
     )
 
 
-def test_degenerate_boxes_give_finite_values():
-    point = torch.tensor([[0.5, 0.5, 0.5, 0.5]])
-    assert torch.isfinite(box_ops.pairwise_box_iou(point, point)).all()
-    assert torch.isfinite(box_ops.pairwise_generalized_box_iou(point, point)).all()
+def test_degenerate_boxes_give_the_limits_of_the_formula():
+    """Zero-area boxes: IoU 0 (0 / 0 taken as 0); GIoU = IoU - (hull - union) / hull, with an
+    empty hull counting as 0. A point inside a box has hull = union: GIoU 0; a point outside has
+    GIoU = -(hull - box) / hull."""
+    point = torch.tensor([[0.5, 0.5, 0.5, 0.5]], dtype=torch.float64)
+    box = torch.tensor([[0.25, 0.25, 0.75, 0.75]], dtype=torch.float64)
+    far = torch.tensor([[1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    assert box_ops.pairwise_box_iou(point, point).item() == 0
+    assert box_ops.pairwise_generalized_box_iou(point, point).item() == 0
+    assert box_ops.pairwise_box_iou(point, box).item() == 0
+    assert box_ops.pairwise_generalized_box_iou(point, box).item() == 0
+    hull, union = 0.75 * 0.75, 0.25
+    assert box_ops.pairwise_generalized_box_iou(far, box).item() == pytest.approx(
+        -(hull - union) / hull, rel=1e-12
+    )
+    assert box_ops.pairwise_generalized_box_iou(far, box).item() == pytest.approx(
+        ref.giou(far[0].tolist(), box[0].tolist()), rel=1e-12
+    )
 
 
 def test_eps_is_added_to_union_and_hull_as_in_the_release():

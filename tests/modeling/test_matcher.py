@@ -116,16 +116,34 @@ def test_switch_follows_training_progress_only():
     assert not never.use_high_order
 
 
-def test_zero_targets_and_non_finite_predictions():
+def test_zero_targets_give_no_match():
     logits, boxes, _ = random_case(0, 4, 1)
     empty = {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}
     rows, cols = HungarianMatcher()(logits, boxes, [empty])[0]
     assert rows.numel() == 0 and cols.numel() == 0
-    _, _, target = random_case(1, 4, 2)
-    logits[0, 0, 0] = float("nan")
-    boxes[0, 1] = float("inf")
-    rows, cols = HungarianMatcher()(logits, boxes, [target])[0]
-    assert len(rows) == 2
+
+
+@pytest.mark.parametrize("high_order", [False, True])
+@pytest.mark.parametrize("broken", ["nan_logit", "inf_box", "nan_box"])
+def test_broken_queries_are_avoided(high_order, broken):
+    """Query 0 would be the best match for the target, but its prediction is broken on the
+    target's own class or box: the matcher must take query 1 (a NaN cost counts as worst)."""
+    target = {
+        "labels": torch.tensor([2]),
+        "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]], dtype=torch.float64),
+    }
+    logits = torch.full((1, 2, 3), -2.0, dtype=torch.float64)
+    logits[0, 0, 2], logits[0, 1, 2] = 3.0, 0.0
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.55, 0.5, 0.3, 0.25]]], dtype=torch.float64)
+    if broken == "nan_logit":
+        logits[0, 0, 2] = float("nan")
+    elif broken == "inf_box":
+        boxes[0, 0, 2] = float("inf")
+    else:
+        boxes[0, 0] = float("nan")
+    matcher = HungarianMatcher(high_order_start=0.0 if high_order else None)
+    rows, cols = matcher(logits, boxes, [target])[0]
+    assert rows.tolist() == [1] and cols.tolist() == [0]
 
 
 def test_invalid_options_are_named():

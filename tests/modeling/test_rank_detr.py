@@ -57,7 +57,12 @@ FLAGS = list(itertools.product([False, True], repeat=4))
 def test_every_flag_combination_trains_and_infers(rch, qrl, gcl, hmc):
     model = tiny_model(RankOptions(rch=rch, qrl=qrl, gcl=gcl, hmc=hmc, hmc_start=0.5))
     model.set_training_progress(0.6)
+    # Each flag reaches its part (tests/modeling/test_wiring.py shows each changes the result).
     assert model.criterion.matcher.use_high_order == hmc
+    assert (model.decoder.rank_class_bias is not None) == rch
+    assert (model.decoder.rank_content_query is not None) == qrl
+    assert model.decoder.sorts_queries == (rch or qrl)
+    assert model.criterion.classification_loss == ("gcl" if gcl else "focal")
     model.train()
     losses = model(batch())
     assert all(torch.isfinite(v) for v in losses.values())

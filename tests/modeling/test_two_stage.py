@@ -48,7 +48,10 @@ def test_selection_takes_the_best_valid_proposals_and_handles_tiny_inputs():
     torch.testing.assert_close(out["reference_boxes"][0], out["enc_boxes"][0, best])
     assert out["query_pos"].shape == (1, 3, 16)
     assert not out["reference_boxes"].requires_grad
-    # More queries than positions: the ranking repeats, nothing crashes.
+    # More queries than positions: the ranking of all 7 repeats cyclically (0..6, 0..6, 0..5).
     many = module(memory, mask, shapes, num_queries=20)
-    assert many["reference_boxes"].shape == (1, 20, 4)
+    ranking = scores.argsort(descending=True)
+    cyclic = ranking[torch.arange(20) % 7]
+    torch.testing.assert_close(many["reference_boxes"][0], out["enc_boxes"][0, cyclic])
+    torch.testing.assert_close(many["query_pos"][0, 7:14], many["query_pos"][0, :7])
     assert torch.isfinite(many["query_pos"]).all()
