@@ -1,4 +1,4 @@
-"""Rank-DETR, Swin-L (384), 36 epochs (paper: 58.2 AP, Table 2)."""
+"""Rank-DETR, Swin-L (window 7, 224 px 22k weights), 36 epochs (paper: 58.2 AP, Table 2)."""
 
 from ..common.schedule import lr_multiplier_36ep
 from .rank_detr_swin_l_12ep import dataloader, lr_multiplier, model, optimizer, train  # noqa: F401

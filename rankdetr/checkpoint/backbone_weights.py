@@ -1,4 +1,5 @@
-"""Loads ImageNet backbone weights from a local file: torchvision, detectron2 (.pkl) or timm.
+"""Loads ImageNet backbone weights from a local file: torchvision, detectron2 (.pkl), Microsoft's
+Swin or timm.
 
 Nothing is downloaded. Files are read without running code from them: torch files with
 `weights_only=True`, detectron2 pickles with an unpickler that only rebuilds plain containers and
@@ -16,6 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from rankdetr.checkpoint.swin import (
+    convert_swin_state_dict,
+    is_swin_classification_checkpoint,
+    swin_sizes,
+)
 
 __all__ = ["load_backbone_weights", "read_weights_file", "CheckpointError"]
 
@@ -120,22 +127,35 @@ def timm_to_features_only(state: dict[str, torch.Tensor], body: nn.Module) -> di
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load ImageNet weights into a :class:`ResNetBackbone` or :class:`TimmBackbone`.
+    """Load ImageNet weights into a :class:`ResNetBackbone`, :class:`SwinBackbone` or
+    :class:`TimmBackbone`.
 
-    Recognises torchvision and detectron2 names (also Caffe2 / MSRA .pkl names) for ResNets and
-    timm names for timm models. Every backbone tensor must be found; classifier weights in the
-    file are ignored.
+    Recognises torchvision and detectron2 names (also Caffe2 / MSRA .pkl names) for ResNets,
+    Microsoft's and detectron2's names for Swin, and timm names for timm models. Every backbone
+    tensor must be found, except a Swin's output norms when the file is an ImageNet classifier
+    (they keep their initialisation, as in the release); classifier weights are ignored.
     """
     from rankdetr.modeling.backbone import TimmBackbone
+    from rankdetr.modeling.swin import SwinBackbone
 
     state = read_weights_file(path)
-    if isinstance(backbone, TimmBackbone):
+    optional: set[str] = set()
+    if isinstance(backbone, SwinBackbone):
+        state = {re.sub(r"^backbone\.", "", k): v for k, v in state.items()}
+        if is_swin_classification_checkpoint(state):
+            optional = {k for k in backbone.state_dict() if re.match(r"^norm\d+\.", k)}
+        try:
+            state = convert_swin_state_dict(state)
+        except (KeyError, ValueError) as error:
+            raise CheckpointError(f"{path}: {error}") from error
+        target = backbone
+    elif isinstance(backbone, TimmBackbone):
         state = timm_to_features_only(state, backbone.body)
         target = backbone.body
     else:
         state = _resnet_state_to_detectron2(state)
         target = backbone
-    expected = target.state_dict()
+    expected = {k: v for k, v in target.state_dict().items() if k not in optional or k in state}
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(
@@ -149,7 +169,15 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
             f"{path}: {k} has shape {tuple(state[k].shape)}, the backbone needs "
             f"{tuple(expected[k].shape)} ({len(wrong)} tensors differ)"
         )
-    target.load_state_dict({k: state[k] for k in expected}, strict=True)
+    if isinstance(backbone, SwinBackbone):
+        # The converter already dropped the classifier: what is left must all have a place.
+        extra = sorted(set(state) - set(expected))
+        if extra:
+            raise CheckpointError(
+                f"{path} holds {len(extra)} Swin tensors this backbone has no place for, e.g. "
+                f"{extra[:3]}: it is a Swin of another size ({swin_sizes(state)})"
+            )
+    target.load_state_dict({k: state[k] for k in expected}, strict=not optional)
     ignored = sorted(set(state) - set(expected))
     logger.info("Loaded backbone weights from %s (ignored %d tensors: %s)", path, len(ignored),
                 ignored[:5])  # fmt: skip

@@ -12,6 +12,8 @@ import re
 
 import torch
 
+from rankdetr.checkpoint.swin import convert_swin_state_dict, swin_sizes
+
 __all__ = [
     "convert_release_state_dict",
     "describe_release_checkpoint",
@@ -76,8 +78,11 @@ def convert_release_state_dict(state_dict: dict, num_decoder_layers: int | None 
             f"the checkpoint has {depth} decoder layers (transformer.decoder.layers.0..{depth - 1})"
             f", but num_decoder_layers={num_decoder_layers} was asked for"
         )
-    converted, unknown = {}, []
+    converted, unknown = _convert_swin_backbone(state_dict), []
+    swin = bool(converted)
     for name, tensor in state_dict.items():
+        if swin and name.startswith("backbone."):
+            continue  # converted above
         duplicate = _DUPLICATE_HEAD.match(name)
         if duplicate:
             original = f"transformer.decoder.{name}"
@@ -96,6 +101,18 @@ def convert_release_state_dict(state_dict: dict, num_decoder_layers: int | None 
         more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
         raise KeyError(f"unknown tensors in the release checkpoint: {shown}{more}")
     return converted
+
+
+def _backbone_part(state_dict: dict) -> dict:
+    return {k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+
+
+def _convert_swin_backbone(state_dict: dict) -> dict:
+    """The release's Swin `backbone.*` tensors in our names ({} for a ResNet backbone)."""
+    backbone = _backbone_part(state_dict)
+    if "patch_embed.proj.weight" not in backbone:
+        return {}
+    return {f"backbone.{k}": v for k, v in convert_swin_state_dict(backbone).items()}
 
 
 def release_decoder_depth(state_dict: dict) -> int:
@@ -126,7 +143,8 @@ def release_decoder_depth(state_dict: dict) -> int:
 
 
 def describe_release_checkpoint(state_dict: dict) -> dict:
-    """The sizes a matching rankdetr config needs, read from a release checkpoint: encoder and
+    """The sizes a matching rankdetr config needs, read from a release checkpoint: the backbone
+    ("resnet", or "swin" with its embed_dim, depths, num_heads and window_size), encoder and
     decoder layers, classes, queries (all groups), and whether RCH and QRL are present."""
     depth = release_decoder_depth(state_dict)
     encoder = {int(m.group(1)) for m in map(_ENCODER_LAYER.match, state_dict) if m}
@@ -134,7 +152,14 @@ def describe_release_checkpoint(state_dict: dict) -> dict:
     if head is None:
         head = state_dict.get("class_embed.0.weight")
     queries = state_dict.get("query_embedding.weight")
+    backbone = _backbone_part(state_dict)
+    if "patch_embed.proj.weight" in backbone:
+        backbone_sizes = {"backbone": "swin", **swin_sizes(backbone)}
+    else:
+        stages = {m.group(1) for m in (re.match(r"^res(\d)\.(\d+)\.", k) for k in backbone) if m}
+        backbone_sizes = {"backbone": "resnet" if stages else None}
     return {
+        **backbone_sizes,
         "encoder_layers": max(encoder) + 1 if encoder else 0,
         "decoder_layers": depth,
         "num_classes": None if head is None else int(head.shape[0]),

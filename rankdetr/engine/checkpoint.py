@@ -36,6 +36,7 @@ from rankdetr.checkpoint.backbone_weights import (
     _ArraysOnlyUnpickler,
     read_weights_file,
 )
+from rankdetr.checkpoint.swin import convert_swin_state_dict, is_swin_classification_checkpoint
 
 __all__ = [
     "CheckpointError",
@@ -253,7 +254,27 @@ class SafeCheckpointer(DetectionCheckpointer):
             ) from error
         if not isinstance(loaded, dict):
             raise CheckpointError(f"{filename} holds a {type(loaded).__name__}, not a dict")
-        return loaded if "model" in loaded else {"model": loaded}
+        loaded = loaded if "model" in loaded else {"model": loaded}
+        if isinstance(loaded["model"], dict) and is_swin_classification_checkpoint(loaded["model"]):
+            loaded["model"] = _swin_imagenet_weights_for_the_backbone(filename, loaded["model"])
+        return loaded
+
+
+def _swin_imagenet_weights_for_the_backbone(filename: str, state: dict) -> dict:
+    """Microsoft's ImageNet Swin file (what the release's Swin configs name as init_checkpoint)
+    -> `backbone.*` names; its classifier is dropped, the backbone's output norms keep their
+    initialisation (the file has none), as in the release."""
+    try:
+        converted = convert_swin_state_dict(state)
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"{filename}: {error}") from error
+    logger.info(
+        "%s: ImageNet Swin weights, %d tensors into the backbone (its output norms keep their "
+        "initialisation)",
+        filename,
+        len(converted),
+    )
+    return {f"backbone.{name}": tensor for name, tensor in converted.items()}
 
 
 def _short(error: Exception) -> str:

@@ -91,6 +91,7 @@ def test_the_converter_reads_the_sizes_from_the_checkpoint(fixture):
     sizes = describe_release_checkpoint(fixture["state_dict"])
     config = fixture["config"]
     assert sizes == {
+        "backbone": "resnet",
         "encoder_layers": config["encoder_layers"],
         "decoder_layers": config["decoder_layers"],
         "num_classes": config["num_classes"],
