@@ -146,3 +146,19 @@ def test_invalid_options_are_named():
         SetCriterion(num_classes=3, matcher=HungarianMatcher(), classification_loss="bce")
     with pytest.raises(ValueError, match="quality_target"):
         SetCriterion(num_classes=3, matcher=HungarianMatcher(), quality_target="l1")
+
+
+@pytest.mark.parametrize("kind,target", [("gcl", "giou"), ("gcl", "iou"), ("varifocal", "iou")])
+def test_quality_targets_are_detached(kind, target):
+    """The GIoU-aware target t is a label (Eq. 6: detached): the classification loss sends no
+    gradient into the predicted boxes, only into the logits."""
+    logits, boxes, targets = problem()
+    boxes = boxes.clone().requires_grad_()
+    logits = logits.clone().requires_grad_()
+    criterion = SetCriterion(
+        num_classes=3, matcher=HungarianMatcher(), classification_loss=kind, quality_target=target
+    )
+    losses = criterion({"logits": [logits], "boxes": [boxes]}, targets)
+    losses["loss_class"].backward()
+    assert boxes.grad is None or torch.count_nonzero(boxes.grad) == 0
+    assert torch.count_nonzero(logits.grad) > 0
