@@ -281,3 +281,29 @@ def test_rch_bias_and_qrl_reach_the_decoder():
     )
     torch.testing.assert_close(layer_inputs[1], fused)
     assert ranking.shape == (2, n) and not math.isnan(ranking.sum().item())
+
+
+def test_structural_arguments_reach_the_modules():
+    """Sizes a config sets (here changed from the demo's) end up in the built modules."""
+    model = build(
+        "embed_dim=64", "num_heads=2", "num_points=3", "ffn_dim=96", "dropout=0.25",
+        "encoder_layers=1", "decoder_layers=2", "num_queries=7", "num_queries_one2many=11",
+        "num_detections=9", "neck.out_channels=64", "neck.norm_groups=8",
+    )  # fmt: skip
+    assert len(model.encoder.layers) == 1 and len(model.decoder.layers) == 2
+    layer = model.decoder.layers[0]
+    assert layer.self_attn.attn.num_heads == 2 and layer.self_attn.attn.embed_dim == 64
+    assert layer.cross_attn.num_points == 3 and layer.cross_attn.num_heads == 2
+    assert (
+        layer.ffn.linear1.out_features == 96
+        and model.encoder.layers[0].ffn.linear1.out_features == 96
+    )
+    dropouts = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(p == 0.25 for p in dropouts)
+    assert layer.self_attn.attn.dropout == 0.25
+    assert model.query_embedding.weight.shape == (7 + 11, 64)
+    assert model.decoder.rank_class_bias[0].weight.shape == (18, NUM_CLASSES)
+    model.eval()
+    with torch.no_grad():
+        results = model(batch())
+    assert [len(r["instances"]) for r in results] == [9, 9]
