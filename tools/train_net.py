@@ -8,15 +8,15 @@
 
 Overrides are `key=value` pairs after the flags (e.g. `model.rank.qrl=False train.max_iter=500`);
 a key the config does not have is refused with close matches. Without a GPU, `--num-gpus N`
-starts N CPU processes (GLOO).
+starts N CPU processes (GLOO). Errors in the config, the data or a checkpoint end the run with one
+line naming the problem (exit status 1); RANKDETR_TRACEBACK=1 shows the whole traceback.
 """
-
-import sys
 
 from detectron2.engine import default_argument_parser, default_setup, launch
 
 from rankdetr.engine.checkpoint import SafeCheckpointer
-from rankdetr.engine.runner import ConfigError, build_model, do_test, do_train, load_config
+from rankdetr.engine.runner import build_model, do_test, do_train, load_config
+from rankdetr.errors import report_user_errors
 
 
 def main(args) -> None:
@@ -24,7 +24,7 @@ def main(args) -> None:
     default_setup(cfg, args)
     if args.eval_only:
         model = build_model(cfg)
-        SafeCheckpointer(model).load(cfg.train.init_checkpoint)
+        SafeCheckpointer(model).load(cfg.train.init_checkpoint, strict=True)
         model.eval()
         do_test(cfg, model)
         return
@@ -37,19 +37,20 @@ def parse_args(argv=None):
     return args
 
 
+def run(args) -> None:
+    # The config is checked here too, before any process starts.
+    load_config(args.config_file, args.opts)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
 if __name__ == "__main__":
-    args = parse_args()
-    try:
-        # Checked here too, before any process starts: a bad config is one line, exit status 1.
-        load_config(args.config_file, args.opts)
-        launch(
-            main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    # Errors in the config, data or checkpoints: one line, exit status 1 (RANKDETR_TRACEBACK=1
+    # shows the traceback).
+    report_user_errors(run, parse_args())

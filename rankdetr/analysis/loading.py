@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from omegaconf import DictConfig, OmegaConf
@@ -19,7 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 import rankdetr.data  # noqa: F401  (registers shapes_train / shapes_val)
 from rankdetr.analysis.collect import collect_layer_outputs
 from rankdetr.data.datasets import num_classes_of, register_coco_format
-from rankdetr.engine.runner import ConfigError, load_config, resolve_device
+from rankdetr.engine.checkpoint import CheckpointError, SafeCheckpointer
+from rankdetr.engine.runner import load_config, resolve_device
+from rankdetr.errors import UserError, report_user_errors
 
 __all__ = [
     "AnalysisError",
@@ -40,7 +40,7 @@ logger = logging.getLogger("rankdetr.analysis")
 MAX_MODELS = 2
 
 
-class AnalysisError(ValueError):
+class AnalysisError(ValueError, UserError):
     """A problem with the command's inputs; the message names the file, key or option."""
 
 
@@ -155,49 +155,13 @@ def dataset_from_args(args, first_cfg: DictConfig, first_config_file: str) -> st
     return name
 
 
-class _RecordingCheckpointer(DetectionCheckpointer):
-    """Keeps the incompatible keys instead of only logging them, to refuse partial loads."""
-
-    incompatible = None
-
-    def _log_incompatible_keys(self, incompatible) -> None:
-        self.incompatible = incompatible
-        super()._log_incompatible_keys(incompatible)
-
-
 def _load_checkpoint(model: torch.nn.Module, name: str, checkpoint: str) -> None:
-    """Load the checkpoint's "model" weights; refuse one that leaves parameters unloaded."""
-    checkpointer = _RecordingCheckpointer(model)
-    fvcore_logger = logging.getLogger("fvcore.common.checkpoint")
-    level = fvcore_logger.level
-    fvcore_logger.setLevel(logging.ERROR)  # its per-key warnings become one error below
+    """Load the checkpoint's "model" weights strictly, with the project's safe reader (no code
+    in the file runs); a checkpoint that does not fit the config is refused, naming tensors."""
     try:
-        checkpointer.load(checkpoint)
-    finally:
-        fvcore_logger.setLevel(level)
-    incompatible = checkpointer.incompatible
-    if incompatible is None:
-        return
-    wrong_shape = [key for key, _, _ in incompatible.incorrect_shapes]
-    missing = [key for key in incompatible.missing_keys if key not in set(wrong_shape)]
-    problems = []
-    if wrong_shape:
-        key, in_checkpoint, in_model = incompatible.incorrect_shapes[0]
-        problems.append(
-            f"{len(wrong_shape)} tensors have other shapes (e.g. {key}: {tuple(in_checkpoint)} "
-            f"in the checkpoint, {tuple(in_model)} in the model)"
-        )
-    if missing:
-        problems.append(f"{len(missing)} model tensors are missing (e.g. {missing[:3]})")
-    if problems:
-        raise AnalysisError(
-            f"model {name!r}: checkpoint {checkpoint} does not fit its config: "
-            + "; ".join(problems)
-        )
-    if incompatible.unexpected_keys:
-        logger.warning("model %r: checkpoint %s has %d tensors the model does not use (e.g. %s)",
-                       name, checkpoint, len(incompatible.unexpected_keys),
-                       incompatible.unexpected_keys[:3])  # fmt: skip
+        SafeCheckpointer(model).load(checkpoint, strict=True)
+    except CheckpointError as error:
+        raise AnalysisError(f"model {name!r}: {error}") from error
 
 
 def _build_model(cfg: DictConfig, dataset_name: str, device: torch.device) -> torch.nn.Module:
@@ -274,8 +238,4 @@ def class_names(dataset_name: str) -> list[str]:
 def run_command(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
     """Run a figure command's main: its input errors end the process with a one-line message."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        main(argv)
-    except (AnalysisError, ConfigError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    report_user_errors(main, argv)

@@ -23,13 +23,14 @@ from rankdetr.checkpoint.swin import (
     is_swin_classification_checkpoint,
     swin_sizes,
 )
+from rankdetr.errors import UserError
 
 __all__ = ["load_backbone_weights", "read_weights_file", "CheckpointError"]
 
 logger = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RuntimeError, UserError):
     """A weights file that cannot be read or does not fit the model; the message names it."""
 
 

@@ -35,6 +35,7 @@ from rankdetr.data.synthetic import (
     generate_shapes_dataset,
     shapes_split_paths,
 )
+from rankdetr.errors import UserError
 
 __all__ = [
     "DatasetFormatError",
@@ -61,7 +62,7 @@ MAX_EXAMPLES = 5  # offending entries quoted in an error message
 _REGISTERED: dict[str, tuple] = {}
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(ValueError, UserError):
     """An annotation file that is not valid COCO; the message names the file and the problem."""
 
 

@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from rankdetr.errors import UserError
+
 __all__ = ["ImageReadError", "read_image"]
 
 IMAGE_FORMATS = ("RGB", "BGR")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 
 
-class ImageReadError(OSError):
+class ImageReadError(OSError, UserError):
     """An image file that exists but cannot be decoded; the message names the file."""
 
 

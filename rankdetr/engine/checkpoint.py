@@ -149,6 +149,8 @@ class SafeCheckpointer(DetectionCheckpointer):
     def __init__(self, model: torch.nn.Module, save_dir: str = "", **kwargs: Any):
         super().__init__(model, save_dir, **kwargs)
         self._saved_here: Path | None = None  # the last file this checkpointer wrote
+        self._strict = False  # set for one load() at a time
+        self._loading: str = ""
 
     # --- saving ----------------------------------------------------------------------------
 
@@ -231,11 +233,88 @@ class SafeCheckpointer(DetectionCheckpointer):
 
     # --- loading ---------------------------------------------------------------------------
 
-    def load(self, path: str, *args, **kwargs) -> dict[str, Any]:
-        """As Checkpointer.load, for local files only (nothing is downloaded)."""
+    def load(self, path: str, *args, strict: bool = False, **kwargs) -> dict[str, Any]:
+        """As Checkpointer.load, for local files only (nothing is downloaded).
+
+        With `strict`, a checkpoint whose tensors do not match the model's one for one (missing,
+        unexpected or of another shape) raises CheckpointError naming them, before anything is
+        loaded. Evaluation and resuming load strictly; `train.init_checkpoint` at the start of
+        training does not (it may hold only a backbone, e.g. ImageNet weights).
+        """
         if path and not os.path.isfile(path):
             raise CheckpointError(f"checkpoint file not found: {path}")
-        return super().load(path, *args, **kwargs)
+        self._strict, self._loading = strict, path
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._strict = False
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> dict[str, Any]:
+        """Resume strictly from the newest complete checkpoint of save_dir when `resume` and
+        there is one; else load `path` (train.init_checkpoint) without its checkpointables."""
+        if resume and self.has_checkpoint():
+            return self.load(self.get_checkpoint_file(), strict=True)
+        return self.load(path, checkpointables=[])
+
+    def _load_model(self, checkpoint: dict[str, Any]):
+        if self._strict:
+            self._check_fits(checkpoint["model"])
+        elif _is_full_model(checkpoint["model"]):
+            checkpoint["model"] = self._without_other_class_heads(checkpoint["model"])
+            self._check_fits(checkpoint["model"], allowed_missing=_CLASS_DEPENDENT)
+        return super()._load_model(checkpoint)
+
+    def _without_other_class_heads(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Fine-tuning onto another number of classes: the checkpoint's class heads and per-class
+        RCH biases have another shape; they are left out (the model keeps its fresh
+        initialisation of them), and a log line lists them."""
+        expected = self.model.state_dict()
+        other = [
+            k
+            for k, v in state.items()
+            if _CLASS_DEPENDENT.match(k) and k in expected
+            and tuple(np.shape(v)) != tuple(expected[k].shape)
+        ]  # fmt: skip
+        if other:
+            logger.warning(
+                "%s was trained for another number of classes: re-initialising %d class-specific "
+                "tensors (%s); everything else loads strictly", self._loading, len(other),
+                ", ".join(other),
+            )  # fmt: skip
+        return {k: v for k, v in state.items() if k not in set(other)}
+
+    def _check_fits(self, state: dict[str, Any], allowed_missing: re.Pattern | None = None):
+        """Raise CheckpointError unless `state` has exactly the model's tensors and shapes (the
+        names matching `allowed_missing` may be absent)."""
+        state = {re.sub(r"^module\.", "", k): v for k, v in state.items()}
+        expected = {
+            k: v
+            for k, v in self.model.state_dict().items()
+            if k in state or allowed_missing is None or not allowed_missing.match(k)
+        }
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = [
+            (k, tuple(np.shape(state[k])), tuple(expected[k].shape))
+            for k in expected
+            if k in state and tuple(np.shape(state[k])) != tuple(expected[k].shape)
+        ]
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} model tensors missing (e.g. {missing[:3]})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if wrong:
+            key, theirs, ours = wrong[0]
+            problems.append(
+                f"{len(wrong)} with other shapes (e.g. {key}: {theirs} in the checkpoint, {ours} "
+                "in the model)"
+            )
+        if problems:
+            raise CheckpointError(
+                f"checkpoint {self._loading} does not fit the model built from the config "
+                f"(wrong config or weights?): {'; '.join(problems)}"
+            )
 
     def _load_file(self, filename: str) -> dict[str, Any]:
         """Read a checkpoint without running code from it; errors name the file."""
@@ -258,6 +337,17 @@ class SafeCheckpointer(DetectionCheckpointer):
         if isinstance(loaded["model"], dict) and is_swin_classification_checkpoint(loaded["model"]):
             loaded["model"] = _swin_imagenet_weights_for_the_backbone(filename, loaded["model"])
         return loaded
+
+
+# Tensors whose shape follows the number of classes: the class heads and the RCH biases.
+_CLASS_DEPENDENT = re.compile(
+    r"^(decoder\.class_heads\.\d+\.|proposals\.class_head\.|decoder\.rank_class_bias\.\d+\.)"
+)
+
+
+def _is_full_model(state: dict[str, Any]) -> bool:
+    """A whole detector's weights (rankdetr's names), not only a backbone's."""
+    return any(k.startswith("decoder.layers.") for k in state)
 
 
 def _swin_imagenet_weights_for_the_backbone(filename: str, state: dict) -> dict:

@@ -29,13 +29,15 @@ import difflib
 from detectron2.config import LazyConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from rankdetr.errors import UserError
+
 __all__ = ["ConfigError", "apply_checked_overrides", "check_override_keys"]
 
 _MISSING = object()
 _SCALARS = (bool, int, float, str)
 
 
-class ConfigError(KeyError):
+class ConfigError(KeyError, UserError):
     """A config or override that cannot work; the message names the key."""
 
     def __str__(self) -> str:  # KeyError would print the message in quotes

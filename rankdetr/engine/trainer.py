@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from detectron2.engine import SimpleTrainer
 
+from rankdetr.errors import UserError
+
 __all__ = ["NONFINITE_LOSS_MODES", "NonFiniteLossError", "RankDETRTrainer", "autocast_dtype"]
 
 logger = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ def autocast_dtype(amp: str | None) -> torch.dtype | None:
     return _AMP_DTYPES[amp]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(FloatingPointError, UserError):
     """A loss term became NaN or infinite; the message names the terms and the iteration."""
 
 

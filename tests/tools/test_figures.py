@@ -135,7 +135,8 @@ def test_checkpoint_of_another_config_is_refused(tiny, capsys, tmp_path):
     argv = [*_model_args(tiny, 1), *_data_args(tiny), "--output", str(tmp_path / "x.png"),
             *[o.replace("embed_dim=32", "embed_dim=64") for o in TINY]]  # fmt: skip
     error = _error_of("visualize_layer_boxes", argv, capsys)
-    assert "does not fit its config" in error and "model_0.pth" in error
+    assert "does not fit the model built from the config" in error and "model_0.pth" in error
+    assert "level_embeds: (4, 32) in the checkpoint, (4, 64) in the model" in error
 
 
 def test_too_many_models_and_bad_indices_are_refused(tiny, capsys, tmp_path):
