@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from detectron2.config import instantiate
-from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from omegaconf import DictConfig, OmegaConf
 
 import rankdetr.data  # noqa: F401  (registers the bundled datasets that configs name)
 from rankdetr.checkpoint.backbone_weights import CheckpointError, read_weights_file
+from rankdetr.data.datasets import DatasetFormatError, UnknownDatasetError, class_names_of
 from rankdetr.data.image_io import ImageReadError, read_image
 from rankdetr.engine.config_checks import ConfigError, apply_checked_overrides
 from rankdetr.engine.runner import build_model, load_config
@@ -264,11 +264,10 @@ def _dataset_name(loader_cfg: DictConfig) -> str | None:
 def _thing_classes(name: str | None, key: str) -> list[str]:
     if name is None:
         raise ConfigError(f"the config has no {key}: cannot tell the class names")
-    classes = MetadataCatalog.get(name).get("thing_classes")
-    if not classes:
-        raise ConfigError(f"dataset {name!r} (from {key}) has no class names (thing_classes) in "
-                          "its metadata: register it before building the predictor")  # fmt: skip
-    return list(classes)
+    try:
+        return class_names_of(name)
+    except (UnknownDatasetError, DatasetFormatError) as error:
+        raise ConfigError(f"{key}: {error}") from error
 
 
 def _train_classes(cfg: DictConfig) -> list[str]:

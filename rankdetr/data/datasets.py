@@ -42,6 +42,8 @@ __all__ = [
     "check_coco_2017",
     "default_shapes_root",
     "load_coco_json_checked",
+    "UnknownDatasetError",
+    "class_names_of",
     "num_classes_of",
     "register_coco_2017",
     "register_coco_format",
@@ -245,20 +247,36 @@ def _load_coco_2017(root: Path, split: str, name: str) -> list[dict]:
     return load_coco_json_checked(json_file, image_root, name)
 
 
-def num_classes_of(dataset_name: str) -> int:
-    """Number of classes (len of the metadata's thing_classes) of a registered dataset.
+class UnknownDatasetError(KeyError, UserError):
+    """A dataset name that is not registered."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def class_names_of(dataset_name: str) -> list[str]:
+    """The class names (metadata `thing_classes`) of a registered dataset: the one lookup the
+    runner, the predictor and the data use.
 
     For a :func:`register_coco_format` dataset that was not loaded yet, this loads it (the
     classes come from its JSON).
     """
     if dataset_name not in DatasetCatalog.list():
-        raise KeyError(f"dataset {dataset_name!r} is not registered")
+        raise UnknownDatasetError(
+            f"dataset {dataset_name!r} is not registered (register your own COCO-format data "
+            "with rankdetr.data.register_coco_format(name, json_file, image_root))"
+        )
     if not MetadataCatalog.get(dataset_name).get("thing_classes"):
         DatasetCatalog.get(dataset_name)  # our COCO loaders set thing_classes
     classes = MetadataCatalog.get(dataset_name).get("thing_classes")
     if not classes:
-        raise ValueError(f"dataset {dataset_name!r} has no thing_classes in its metadata")
-    return len(classes)
+        raise DatasetFormatError(f"dataset {dataset_name!r} has no thing_classes in its metadata")
+    return list(classes)
+
+
+def num_classes_of(dataset_name: str) -> int:
+    """Number of classes of a registered dataset (see :func:`class_names_of`)."""
+    return len(class_names_of(dataset_name))
 
 
 # --- loading and validating COCO JSON ---------------------------------------------------------

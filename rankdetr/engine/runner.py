@@ -24,6 +24,7 @@ from detectron2.utils.registry import locate
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 
+from rankdetr.data.datasets import num_classes_of
 from rankdetr.data.samplers import ResumableTrainLoader, build_resumable_train_loader
 from rankdetr.engine.checkpoint import SafeCheckpointer
 from rankdetr.engine.config_checks import (
@@ -66,18 +67,34 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _num_classes_from_data(cfg: DictConfig) -> int:
-    from detectron2.data import MetadataCatalog
-
+def _training_dataset(cfg: DictConfig) -> str:
     names = cfg.dataloader.train.dataset.names
-    name = names if isinstance(names, str) else names[0]
-    return len(MetadataCatalog.get(name).thing_classes)
+    return names if isinstance(names, str) else names[0]
+
+
+def check_num_classes(cfg: DictConfig) -> None:
+    """Before training: model.num_classes must be the training data's (None takes it from
+    there); a mismatch is one ConfigError naming both, not an IndexError mid-run."""
+    data_classes = num_classes_of(_training_dataset(cfg))
+    if cfg.model.get("num_classes") in (
+        None,
+        "None",
+        "none",
+        "null",
+    ):  # `=None` on the command line
+        cfg.model.num_classes = data_classes
+    elif cfg.model.num_classes != data_classes:
+        raise ConfigError(
+            f"model.num_classes={cfg.model.num_classes} but the training data "
+            f"{_training_dataset(cfg)!r} has {data_classes} classes (set model.num_classes="
+            f"{data_classes}, or None to take it from the data)"
+        )
 
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:
     """Instantiate cfg.model on train.device; num_classes=None takes it from the train data."""
-    if cfg.model.get("num_classes") is None:
-        cfg.model.num_classes = _num_classes_from_data(cfg)
+    if cfg.model.get("num_classes") in (None, "None", "none", "null"):
+        cfg.model.num_classes = num_classes_of(_training_dataset(cfg))
     model = instantiate(cfg.model)
     model.to(resolve_device(cfg.train.device))
     logger.info("Model: %s, %.2f M parameters", type(model).__name__,
@@ -152,6 +169,7 @@ def do_train(cfg: DictConfig, resume: bool = False) -> dict:
     train.output_dir (weights, optimizer, iteration, LR schedule, EMA, seed and data position),
     and ends with the weights an uninterrupted run would have (CPU, train.deterministic).
     """
+    check_num_classes(cfg)
     seed = _seed_everything(cfg)
     _set_deterministic(cfg.train.get("deterministic", False))
     model = build_model(cfg)
