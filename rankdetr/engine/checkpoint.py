@@ -37,6 +37,7 @@ from rankdetr.checkpoint.backbone_weights import (
     read_weights_file,
 )
 from rankdetr.checkpoint.swin import convert_swin_state_dict, is_swin_classification_checkpoint
+from rankdetr.engine.run_lock import process_is_alive
 
 __all__ = [
     "CheckpointError",
@@ -179,8 +180,12 @@ class SafeCheckpointer(DetectionCheckpointer):
         _atomic_write(path, lambda handle: handle.write(last_filename_basename.encode()))
 
     def _remove_stale_temp_files(self) -> None:
-        # Left by processes killed while saving; this process is not writing any right now.
+        """Remove temporary files left by processes killed while saving. A temporary file names
+        its writer's pid: files of live processes (another run's save in progress) are left."""
         for temp in Path(self.save_dir).glob(f".*{TEMP_MARKER}*"):
+            pid = temp.name.rsplit(TEMP_MARKER, 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and process_is_alive(int(pid)):
+                continue
             logger.info("Removing %s, left by an interrupted save", temp)
             temp.unlink(missing_ok=True)
 

@@ -33,6 +33,7 @@ from rankdetr.engine.config_checks import (
     check_override_keys,
 )
 from rankdetr.engine.hooks import EMAHook, SeedHook, TrainingProgressHook
+from rankdetr.engine.run_lock import run_lock
 from rankdetr.engine.trainer import RankDETRTrainer
 
 __all__ = [
@@ -170,6 +171,13 @@ def do_train(cfg: DictConfig, resume: bool = False) -> dict:
     and ends with the weights an uninterrupted run would have (CPU, train.deterministic).
     """
     check_num_classes(cfg)
+    if comm.is_main_process():  # one run per output folder (the other ranks follow the main one)
+        with run_lock(cfg.train.output_dir):
+            return _train(cfg, resume)
+    return _train(cfg, resume)
+
+
+def _train(cfg: DictConfig, resume: bool) -> dict:
     seed = _seed_everything(cfg)
     _set_deterministic(cfg.train.get("deterministic", False))
     model = build_model(cfg)
