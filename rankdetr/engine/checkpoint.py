@@ -114,6 +114,9 @@ def _atomic_write(path: Path, write) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
+    except OSError as error:  # e.g. a full disk: name the file; the previous one is intact
+        temp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {path}: {error.strerror or error}") from error
     except BaseException:
         temp.unlink(missing_ok=True)
         raise

@@ -31,7 +31,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from rankdetr.errors import UserError
 
-__all__ = ["ConfigError", "apply_checked_overrides", "check_override_keys"]
+__all__ = [
+    "ConfigError",
+    "apply_checked_overrides",
+    "check_override_keys",
+    "check_train_values",
+]
 
 _MISSING = object()
 _SCALARS = (bool, int, float, str)
@@ -116,16 +121,38 @@ def apply_checked_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig
         ConfigError: "<key> expects <type>, got <value> (from override '<override>')".
     """
     check_override_keys(cfg, overrides)
-    defaults = {}
+    defaults, last = {}, {}
     for override in overrides:
         key = _override_key(override)
         if not key.startswith(("+", "~")):
-            defaults[override] = (key, _default_for_check(cfg, key))
+            defaults.setdefault(key, _default_for_check(cfg, key))
+            last[key] = override  # a key given twice: its last value is the one applied
     for override in overrides:
         _apply_one(cfg, override)
-    for override, (key, default) in defaults.items():
-        _check_value(cfg, key, default, override)
+    for key, override in last.items():
+        _check_value(cfg, key, defaults[key], override)
+    check_train_values(cfg)
     return cfg
+
+
+# (key, smallest value): counts and periods of the train node that must be whole numbers.
+_TRAIN_COUNTS = (
+    ("train.max_iter", 1),
+    ("train.checkpointer.period", 1),
+    ("train.eval_period", 0),
+    ("train.log_period", 1),
+)
+
+
+def check_train_values(cfg: DictConfig) -> None:
+    """The train node's iteration counts and periods are integers in range (0 for eval_period
+    means no evaluation during training), so a bad value is one line before anything starts."""
+    for key, smallest in _TRAIN_COUNTS:
+        value = OmegaConf.select(cfg, key, default=_MISSING)
+        if value is _MISSING:
+            continue
+        if not _is_int(value) or value < smallest:
+            raise ConfigError(f"{key} must be an integer >= {smallest}, got {value!r}")
 
 
 def _apply_one(cfg: DictConfig, override: str) -> None:

@@ -63,7 +63,7 @@ def test_a_save_that_fails_midway_leaves_the_previous_checkpoint(tmp_path, monke
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint_module.torch, "save", write_half_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"cannot write .*model_0000007\.pth: disk full"):
         save_model(tmp_path, "model_0000007", 7.0)
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000003.pth"]

@@ -1,12 +1,14 @@
 """Bad configuration: missing files, unknown keys, values of the wrong type, bad syntax."""
 
 import math
+import re
 import runpy
 import sys
 from pathlib import Path
 
 import pytest
 
+from rankdetr.engine.optim import step_lr_schedule
 from rankdetr.engine.runner import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,3 +148,31 @@ def test_train_net_prints_one_line_and_exits_1(tmp_path, monkeypatch, capsys):
         "error: train.max_iter expects an int, got 'abc' (from override 'train.max_iter=abc')"
     ]
     assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.max_iter=null", "train.max_iter must be an integer >= 1, got None"),
+        ("train.max_iter=-5", "train.max_iter must be an integer >= 1, got -5"),
+        ("train.max_iter=0", "train.max_iter must be an integer >= 1, got 0"),
+        ("train.checkpointer.period=0", "train.checkpointer.period must be an integer >= 1"),
+        ("train.eval_period=-1", "train.eval_period must be an integer >= 0"),
+        ("train.log_period=0", "train.log_period must be an integer >= 1"),
+    ],
+)
+def test_out_of_range_train_values_are_one_config_error(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(DEMO, [override])
+
+
+def test_a_key_given_twice_is_checked_with_its_last_override():
+    with pytest.raises(ConfigError, match=r"from override 'train.max_iter=abc'"):
+        load_config(DEMO, ["train.max_iter=5", "train.max_iter=abc"])
+    cfg = load_config(DEMO, ["train.max_iter=abc", "train.max_iter=7"])
+    assert cfg.train.max_iter == 7
+
+
+def test_a_one_iteration_run_has_a_constant_learning_rate():
+    schedule = step_lr_schedule(max_iter=1)
+    assert schedule(0.0) == 1.0 and schedule(0.99) == 1.0
