@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 import rankdetr.data  # noqa: F401  (registers the bundled datasets that configs name)
 from rankdetr.checkpoint.backbone_weights import CheckpointError, read_weights_file
 from rankdetr.data.datasets import DatasetFormatError, UnknownDatasetError, class_names_of
-from rankdetr.data.image_io import ImageReadError, read_image
+from rankdetr.data.image_io import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError, read_image
 from rankdetr.engine.config_checks import ConfigError, apply_checked_overrides
 from rankdetr.engine.runner import build_model, load_config
 
@@ -68,8 +68,11 @@ class Prediction:
         return len(self.scores)
 
 
-def as_rgb_image(image: np.ndarray | str | Path) -> np.ndarray:
-    """A path or an array -> (H, W, 3) uint8 RGB array.
+def as_rgb_image(
+    image: np.ndarray | str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> np.ndarray:
+    """A path or an array -> (H, W, 3) uint8 RGB array (files with more than `max_pixels` pixels
+    are refused, naming them).
 
     Arrays must be uint8: (H, W) or (H, W, 1) grayscale (repeated to 3 channels), (H, W, 3) RGB,
     or (H, W, 4) RGBA (alpha dropped). Files are read with rankdetr's reader (any PIL format,
@@ -77,7 +80,7 @@ def as_rgb_image(image: np.ndarray | str | Path) -> np.ndarray:
     TypeError / ValueError describing a bad array.
     """
     if isinstance(image, (str, Path)):
-        return read_image(image, "RGB")
+        return read_image(image, "RGB", max_pixels=max_pixels)
     if not isinstance(image, np.ndarray):
         raise TypeError(f"image must be a numpy array or a path, got {type(image).__name__}")
     if image.dtype != np.uint8:
@@ -154,7 +157,7 @@ class Predictor:
         self.cfg = _load(config_file_or_cfg, list(overrides))
         self.device = _resolve_device(device)
         self.score_threshold = float(score_threshold)
-        self.augmentations, self.image_format = _test_transform(self.cfg)
+        self.augmentations, self.image_format, self.max_image_pixels = _test_transform(self.cfg)
         self.thing_classes = _class_names(self.cfg)
         self.model = self._build_model()
         load_checkpoint(self.model, checkpoint)
@@ -182,7 +185,7 @@ class Predictor:
         """Detect objects in several images, `batch_size` at a time (padded to a common size)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        rgb_images = [as_rgb_image(image) for image in images]
+        rgb_images = [as_rgb_image(image, self.max_image_pixels) for image in images]
         predictions = []
         for start in range(0, len(rgb_images), batch_size):
             inputs = [self.model_input(image) for image in rgb_images[start : start + batch_size]]
@@ -244,14 +247,16 @@ def _resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def _test_transform(cfg: DictConfig) -> tuple[list, str]:
-    """The test mapper's augmentations (resize) and image format ("RGB" or "BGR")."""
+def _test_transform(cfg: DictConfig) -> tuple[list, str, int | None]:
+    """The test mapper's augmentations (resize), image format ("RGB" or "BGR") and pixel
+    limit."""
     mapper = instantiate(cfg.dataloader.test.mapper)
     augmentations = getattr(mapper, "augmentations", None)
     if augmentations is None:
         raise ConfigError(f"dataloader.test.mapper ({type(mapper).__name__}) has no "
                           "`augmentations` to resize the images with")  # fmt: skip
-    return list(augmentations), getattr(mapper, "image_format", "RGB")
+    limit = getattr(mapper, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    return list(augmentations), getattr(mapper, "image_format", "RGB"), limit
 
 
 def _dataset_name(loader_cfg: DictConfig) -> str | None:

@@ -123,8 +123,8 @@ def main(argv=None) -> int:
     failed = []
     for path, name in tqdm(list(zip(paths, output_names(paths))), desc="images", unit="img"):
         try:
-            image = as_rgb_image(path)
-        except (OSError, ValueError) as error:  # missing or unreadable: report, go on
+            image = as_rgb_image(path, predictor.max_image_pixels)
+        except (OSError, ValueError) as error:  # missing, unreadable or too large: report, go on
             tqdm.write(f"demo: skipped: {error}", file=sys.stderr)
             failed.append(path)
             continue

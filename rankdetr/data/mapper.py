@@ -24,7 +24,7 @@ import torch
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from rankdetr.data.image_io import read_image
+from rankdetr.data.image_io import DEFAULT_MAX_IMAGE_PIXELS, read_image
 
 __all__ = [
     "DetrDatasetMapper",
@@ -105,6 +105,7 @@ class DetrDatasetMapper:
         test_size: int = 800,
         random_flip: str = "horizontal",
         image_format: str = "RGB",
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         """
         Args:
@@ -118,6 +119,8 @@ class DetrDatasetMapper:
             random_flip: "horizontal", "vertical" or "none".
             image_format: "RGB" (the models' order) or "BGR"; grayscale, palette and RGBA files
                 are converted (alpha dropped).
+            max_image_pixels: images with more pixels are refused, naming the file, before
+                their pixels are decoded (None: no limit).
         """
         if image_format not in ("RGB", "BGR"):
             raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
@@ -125,6 +128,7 @@ class DetrDatasetMapper:
             raise ValueError(f"crop_probability must be in [0, 1], got {crop_probability}")
         self.is_train = is_train
         self.image_format = image_format
+        self.max_image_pixels = max_image_pixels
         self.crop_probability = crop_probability
         if is_train:
             self.augmentations = build_detr_augmentations(min_sizes, max_size, random_flip)
@@ -153,7 +157,10 @@ class DetrDatasetMapper:
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = copy.deepcopy(dataset_dict)  # the loader hands out the same dicts each epoch
         image = read_image(
-            dataset_dict["file_name"], self.image_format, f"image_id {dataset_dict.get('image_id')}"
+            dataset_dict["file_name"],
+            self.image_format,
+            f"image_id {dataset_dict.get('image_id')}",
+            self.max_image_pixels,
         )
         utils.check_image_size(dataset_dict, image)
         original_height, original_width = image.shape[:2]

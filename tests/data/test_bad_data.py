@@ -240,3 +240,16 @@ def test_bbox_mode_of_loaded_records_is_xyxy(tmp_path):
     # The mapper relies on it: boxes come out of the loader as absolute XYXY.
     (record,) = load_coco_json_checked(*_write_coco(tmp_path, [3]))
     assert {a["bbox_mode"] for a in record["annotations"]} == {BoxMode.XYXY_ABS}
+
+
+def test_images_above_the_pixel_limit_are_refused_before_decoding(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.fromarray(np.zeros((120, 100, 3), dtype=np.uint8)).save(path)
+    with pytest.raises(ImageReadError, match=r"big.png \(image_id 7\) is 100x120 = 12000 pixels"):
+        read_image(path, entry="image_id 7", max_pixels=11999)
+    assert read_image(path, max_pixels=12000).shape == (120, 100, 3)
+    # Pillow's own limit (here a low one a user set) neither warns nor raises: ours decides,
+    # and Pillow's setting is left as it was.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert read_image(path, max_pixels=None).shape == (120, 100, 3)
+    assert Image.MAX_IMAGE_PIXELS == 1000

@@ -94,3 +94,21 @@ def test_boxes_are_drawn_where_the_prediction_says(demo):
         assert tuple(drawn[y, x]) == colour
     assert not drawn[50:85, 15:55].any()  # inside the box: untouched
     assert (drawn[25:40, 10:60] == colour).all(axis=2).any()  # the label's background above it
+
+
+def test_an_image_above_the_pixel_limit_is_skipped_and_named(tmp_path):
+    """`dataloader.test.mapper.max_image_pixels` (here 5000): the 60x90 image is refused before
+    decoding and named, the 70x70 one is drawn, and the exit status says one failed."""
+    save_tiny_checkpoint(tmp_path / "tiny.pth")
+    write_image(tmp_path / "large.png", 60, 90)
+    write_image(tmp_path / "small.png", 70, 70, seed=1)
+    result = subprocess.run(
+        [sys.executable, str(TOOL), "--config-file", DEMO_CONFIG,
+         "--checkpoint", str(tmp_path / "tiny.pth"), "--input", str(tmp_path / "*.png"),
+         "--output", str(tmp_path / "out"), *TINY_OVERRIDES,
+         "dataloader.test.mapper.max_image_pixels=5000"],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "large.png is 90x60 = 5400 pixels, above the limit of 5000" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["small.png"]

@@ -13,6 +13,7 @@ from detectron2.data import (
 )
 from omegaconf import OmegaConf
 
+from rankdetr.data.image_io import DEFAULT_MAX_IMAGE_PIXELS
 from rankdetr.data.mapper import DetrDatasetMapper
 from rankdetr.evaluation import RankDETRCOCOEvaluator
 
@@ -27,6 +28,7 @@ dataloader.train = L(build_detection_train_loader)(
         crop_resize_sizes=(400, 500, 600),
         crop_size=(384, 600),
         image_format="RGB",
+        max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,  # larger images: one-line error, not 2.5 GB
     ),
     total_batch_size=16,
     num_workers=4,
@@ -34,7 +36,13 @@ dataloader.train = L(build_detection_train_loader)(
 
 dataloader.test = L(build_detection_test_loader)(
     dataset=L(get_detection_dataset_dicts)(names="coco_2017_val", filter_empty=False),
-    mapper=L(DetrDatasetMapper)(is_train=False, test_size=800, max_size=1333, image_format="RGB"),
+    mapper=L(DetrDatasetMapper)(
+        is_train=False,
+        test_size=800,
+        max_size=1333,
+        image_format="RGB",
+        max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+    ),
     num_workers=4,
 )
 
