@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
+from pathlib import Path
 
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils.logger import create_small_table
@@ -18,6 +21,10 @@ class RankDETRCOCOEvaluator(COCOEvaluator):
     """detectron2's COCOEvaluator whose "bbox" results also hold AR1, AR10, AR100, ARs, ARm, ARl
     and oLRP, oLRP_Loc, oLRP_FP, oLRP_FN (all in percent; see rankdetr.evaluation.olrp).
 
+    The ground truth pycocotools reads is the dataset's JSON, made safe for what the loader
+    accepted (see :func:`_sanitize_ground_truth`), so a run that trained never dies in its last
+    evaluation; valid COCO files are evaluated exactly as they are.
+
     oLRP reads pycocotools' per-image matches, which only the official Python COCOeval keeps, so
     ``use_fast_impl`` defaults to False and True is refused.
     """
@@ -31,6 +38,28 @@ class RankDETRCOCOEvaluator(COCOEvaluator):
             )
         super().__init__(dataset_name, tasks, distributed, output_dir,
                          use_fast_impl=False, **kwargs)  # fmt: skip
+        _sanitize_ground_truth(self._coco_api, dataset_name, self._logger)
+
+    def evaluate(self, img_ids=None):
+        """detectron2's evaluate, with its result files (`instances_predictions.pth`,
+        `coco_instances_results.json`) written to a staging folder inside output_dir and then
+        renamed into place: a run killed while writing never leaves a partial file under the
+        final name (the previous complete one stays)."""
+        final = self._output_dir
+        if not final:
+            return super().evaluate(img_ids)
+        staging = Path(final) / f".staging-{os.getpid()}"
+        self._output_dir = str(staging)
+        try:
+            results = super().evaluate(img_ids)
+            for written in staging.iterdir() if staging.is_dir() else []:
+                with open(written, "rb") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(written, Path(final) / written.name)
+        finally:
+            self._output_dir = final
+            shutil.rmtree(staging, ignore_errors=True)
+        return results
 
     def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
         results = super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
@@ -42,6 +71,40 @@ class RankDETRCOCOEvaluator(COCOEvaluator):
         per_class = {k: v for k, v in results.items() if k.startswith("AP-")}
         summary = {k: v for k, v in results.items() if not k.startswith("AP-")}
         return {**summary, **extra, **per_class}
+
+
+def _usable_box(bbox) -> bool:
+    """A COCO [x, y, w, h] of four finite numbers with positive width and height."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return False
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+        return False
+    return all(math.isfinite(v) for v in bbox) and bbox[2] > 0 and bbox[3] > 0
+
+
+def _sanitize_ground_truth(coco_api, dataset_name: str, logger) -> None:
+    """Make the raw JSON's annotations evaluable, as the training loader treats them: boxes that
+    are not four finite numbers with a positive size are left out (the loader skips them), a
+    missing or non-numeric `area` becomes the box's w * h, a missing `iscrowd` 0. Valid
+    annotations are untouched, so COCO's own numbers are unchanged."""
+    kept, dropped, filled = [], 0, 0
+    for annotation in coco_api.dataset.get("annotations", []):
+        if not _usable_box(annotation.get("bbox")):
+            dropped += 1
+            continue
+        area = annotation.get("area")
+        if not isinstance(area, (int, float)) or isinstance(area, bool) or not math.isfinite(area):
+            annotation["area"] = float(annotation["bbox"][2] * annotation["bbox"][3])
+            filled += 1
+        annotation.setdefault("iscrowd", 0)
+        kept.append(annotation)
+    if dropped or filled:
+        logger.warning(
+            "%s: evaluating without %d annotation(s) whose bbox is unusable, and with the box "
+            "area for %d without a numeric area", dataset_name, dropped, filled
+        )  # fmt: skip
+        coco_api.dataset["annotations"] = kept
+        coco_api.createIndex()
 
 
 def ranking_metrics(coco_eval) -> dict[str, float]:

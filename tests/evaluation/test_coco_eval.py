@@ -93,3 +93,83 @@ def test_fast_impl_is_refused_and_no_predictions_give_nan():
         RankDETRCOCOEvaluator("shapes_val", use_fast_impl=True)
     values = ranking_metrics(None)
     assert len(values) == 10 and all(v != v for v in values.values())
+
+
+def test_data_the_loader_accepted_never_crashes_the_evaluation(tmp_path, isolated_catalogs):
+    """String bbox values (the loader skips that box) and annotations without `area` or
+    `iscrowd` used to crash pycocotools in the final evaluation. The evaluation now runs on the
+    same boxes the loader kept; a perfect prediction of them scores AP 100."""
+    from PIL import Image
+
+    from rankdetr.data import register_coco_format
+    from rankdetr.data.datasets import load_coco_json_checked
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 48)).save(tmp_path / "images" / "a.png")
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 5, 20, 30], "iscrowd": 0},
+        {"id": 2, "image_id": 1, "category_id": 2, "bbox": ["1", "2", "3", "4"], "area": 12,
+         "iscrowd": 0},
+        {"id": 3, "image_id": 1, "category_id": 2, "bbox": [30, 10, 25, 20], "area": "big"},
+    ]  # fmt: skip
+    data = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 48}],
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+    }
+    json_file = tmp_path / "data.json"
+    json_file.write_text(json.dumps(data))
+    register_coco_format("loose_val", json_file, tmp_path / "images")
+    kept = load_coco_json_checked(json_file, tmp_path / "images", "loose_val")[0]["annotations"]
+    assert len(kept) == 2  # the string bbox was skipped
+    evaluator = RankDETRCOCOEvaluator("loose_val", output_dir=str(tmp_path / "eval"))
+    evaluator.reset()
+    instances = Instances((48, 64))
+    instances.pred_boxes = Boxes(torch.tensor([a["bbox"] for a in kept]))
+    instances.scores = torch.tensor([0.9, 0.8])
+    instances.pred_classes = torch.tensor([a["category_id"] for a in kept])
+    evaluator.process([{"image_id": 1, "height": 48, "width": 64}], [{"instances": instances}])
+    results = evaluator.evaluate()["bbox"]
+    assert results["AP"] == pytest.approx(100.0)
+    areas = {a["id"]: a["area"] for a in evaluator._coco_api.dataset["annotations"]}
+    assert areas == {1: 600.0, 3: 500.0}  # filled from the boxes
+
+
+def test_result_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A failure while the results are written (as a SIGTERM would cut it) leaves no partial
+    coco_instances_results.json under its final name; a complete evaluation puts both files
+    in place and no staging folder behind."""
+    import detectron2.evaluation.coco_evaluation as coco_evaluation
+
+    from detectron2.data import DatasetCatalog
+
+    register_shapes_dataset()
+    out = tmp_path / "eval"
+    evaluator = RankDETRCOCOEvaluator("shapes_val", output_dir=str(out))
+    first = DatasetCatalog.get("shapes_val")[0]
+    image = {k: first[k] for k in ("image_id", "height", "width")}
+    instances = Instances((first["height"], first["width"]))
+    instances.pred_boxes = Boxes(torch.tensor([[10.0, 10.0, 50.0, 60.0]]))
+    instances.scores, instances.pred_classes = torch.tensor([0.5]), torch.tensor([1])
+
+    def run():
+        evaluator.reset()
+        evaluator.process([image], [{"instances": instances}])
+        return evaluator.evaluate()
+
+    real_dumps = coco_evaluation.json.dumps
+
+    def cut_short(*args, **kwargs):
+        raise KeyboardInterrupt  # the process is stopped half-way through writing
+
+    monkeypatch.setattr(coco_evaluation.json, "dumps", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    assert not (out / "coco_instances_results.json").exists()
+    monkeypatch.setattr(coco_evaluation.json, "dumps", real_dumps)
+    run()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "coco_instances_results.json",
+        "instances_predictions.pth",
+    ]
+    assert json.loads((out / "coco_instances_results.json").read_text())[0]["score"] == 0.5
