@@ -140,7 +140,6 @@ def test_result_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     coco_instances_results.json under its final name; a complete evaluation puts both files
     in place and no staging folder behind."""
     import detectron2.evaluation.coco_evaluation as coco_evaluation
-
     from detectron2.data import DatasetCatalog
 
     register_shapes_dataset()
