@@ -66,6 +66,13 @@ def capture_layer_inputs(decoder):
     return captured
 
 
+def capture_layer_outputs(decoder):
+    outputs = []
+    for layer in decoder.layers:
+        layer.register_forward_hook(lambda m, args, out: outputs.append(out))
+    return outputs
+
+
 @pytest.mark.parametrize("rch,qrl", [(True, True), (True, False), (False, True)])
 def test_queries_positions_and_boxes_move_together(rch, qrl):
     decoder = make_decoder(rch=rch, qrl=qrl)
@@ -76,9 +83,7 @@ def test_queries_positions_and_boxes_move_together(rch, qrl):
                 fuse.weight[:, :C].copy_(torch.eye(C))
                 fuse.bias.zero_()
     captured = capture_layer_inputs(decoder)
-    layer_outputs = []
-    for layer in decoder.layers:
-        layer.register_forward_hook(lambda m, args, out: layer_outputs.append(out))
+    layer_outputs = capture_layer_outputs(decoder)
     groups = [3, 4]
     out = decoder(**make_inputs(), group_sizes=groups)
     for layer_index in range(1, 3):
@@ -111,9 +116,7 @@ def test_the_rch_bias_does_not_enter_the_ranking_key(qrl):
         for table in decoder.rank_class_bias:
             table.weight.zero_()
             table.weight[[2, 6]] = 50.0
-    layer_outputs = []
-    for layer in decoder.layers:
-        layer.register_forward_hook(lambda m, args, out: layer_outputs.append(out))
+    layer_outputs = capture_layer_outputs(decoder)
     groups = [3, 4]
     out = decoder(**make_inputs(), group_sizes=groups)
     for layer_index in range(1, 3):
