@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils.logger import create_small_table
 
@@ -36,6 +37,7 @@ class RankDETRCOCOEvaluator(COCOEvaluator):
                 "RankDETRCOCOEvaluator needs use_fast_impl=False: oLRP is computed from the "
                 "per-image matches of pycocotools' COCOeval, which the fast implementation lacks"
             )
+        _materialise(dataset_name)
         super().__init__(dataset_name, tasks, distributed, output_dir,
                          use_fast_impl=False, **kwargs)  # fmt: skip
         _sanitize_ground_truth(self._coco_api, dataset_name, self._logger)
@@ -71,6 +73,15 @@ class RankDETRCOCOEvaluator(COCOEvaluator):
         per_class = {k: v for k, v in results.items() if k.startswith("AP-")}
         summary = {k: v for k, v in results.items() if not k.startswith("AP-")}
         return {**summary, **extra, **per_class}
+
+
+def _materialise(dataset_name: str) -> None:
+    """COCOEvaluator reads the dataset's JSON file directly: when it is not on disk yet (the
+    bundled shapes data is generated on first use), load the dataset once, which generates it
+    or raises an error naming the missing file."""
+    json_file = MetadataCatalog.get(dataset_name).get("json_file")
+    if json_file and not Path(json_file).is_file() and dataset_name in DatasetCatalog.list():
+        DatasetCatalog.get(dataset_name)
 
 
 def _usable_box(bbox) -> bool:
