@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from rankdetr.layers.mlp import MLP, inverse_sigmoid
+from rankdetr.modeling.checkpointing import run_layer
 from rankdetr.modeling.decoder_layer import DeformableDecoderLayer
 from rankdetr.modeling.init import init_like_release_transformer
 
@@ -70,6 +71,7 @@ class RankDecoder(nn.Module):
         rank_adaptive_head: bool = True,
         query_rank_layer: bool = True,
         look_forward_twice: bool = True,
+        activation_checkpointing: bool = False,
     ):
         """
         Args:
@@ -80,8 +82,11 @@ class RankDecoder(nn.Module):
             rank_adaptive_head: RCH, Eq. 1.
             query_rank_layer: QRL, Eq. 2-3.
             look_forward_twice: box losses also reach the previous layer's refinement.
+            activation_checkpointing: recompute each layer's activations in backward instead of
+                storing them.
         """
         super().__init__()
+        self.activation_checkpointing = activation_checkpointing
         self.num_layers = num_layers
         self.look_forward_twice = look_forward_twice
         self.layers = nn.ModuleList(
@@ -198,7 +203,8 @@ class RankDecoder(nn.Module):
                     for t in (query, query_pos, boxes, previous_boxes, order)
                 )
                 query = self._fuse_rank_content(query, layer_index, group_sizes)
-            query = layer(
+            query = run_layer(
+                layer,
                 query,
                 query_pos,
                 boxes[:, :, None] * ratio_boxes,
@@ -207,6 +213,7 @@ class RankDecoder(nn.Module):
                 level_start_index,
                 memory_padding_mask,
                 group_sizes,
+                activation_checkpointing=self.activation_checkpointing,
             )
             delta = self.box_heads[layer_index](query)
             refined = (delta + inverse_sigmoid(boxes)).sigmoid()

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from rankdetr.layers.multi_scale_deform_attn import MultiScaleDeformableAttention
+from rankdetr.modeling.checkpointing import run_layer
 from rankdetr.modeling.init import init_like_release_transformer
 
 __all__ = ["FeedForward", "DeformableEncoderLayer", "DeformableEncoder", "encoder_reference_points"]
@@ -79,8 +80,18 @@ class DeformableEncoder(nn.Module):
     """A stack of :class:`DeformableEncoderLayer`, initialised as the release's transformer
     (xavier_uniform_ on every matrix, then the deformable attentions' own initialisation)."""
 
-    def __init__(self, *, num_layers: int = 6, **layer_kwargs):
+    def __init__(
+        self, *, num_layers: int = 6, activation_checkpointing: bool = False, **layer_kwargs
+    ):
+        """
+        Args:
+            num_layers: encoder layers.
+            activation_checkpointing: recompute each layer's activations in backward instead of
+                storing them (less memory, one more forward per layer).
+            layer_kwargs: sizes of :class:`DeformableEncoderLayer`.
+        """
         super().__init__()
+        self.activation_checkpointing = activation_checkpointing
         self.layers = nn.ModuleList(
             DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers)
         )
@@ -107,7 +118,8 @@ class DeformableEncoder(nn.Module):
         """
         reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
         for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            inputs = (src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            src = run_layer(layer, *inputs, activation_checkpointing=self.activation_checkpointing)
         return src
 
 

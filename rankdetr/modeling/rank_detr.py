@@ -51,6 +51,7 @@ class RankDETR(nn.Module):
         encoder_layers: int = 6,
         decoder_layers: int = 6,
         look_forward_twice: bool = True,
+        activation_checkpointing: bool = False,
         loss_weights: dict | None = None,
         weight_one2many: float = 1.0,
         focal_alpha: float = 0.25,
@@ -71,6 +72,8 @@ class RankDETR(nn.Module):
             one2many_repeats: k, target repetitions for the one-to-many queries.
             embed_dim .. decoder_layers: transformer sizes.
             look_forward_twice: box losses also reach the previous layer's refinement.
+            activation_checkpointing: encoder and decoder layers recompute their activations in
+                backward instead of storing them (less memory; the same gradients).
             loss_weights: {"class", "bbox", "giou"} weights (2, 5, 2).
             weight_one2many: lambda of the one-to-many losses.
             focal_alpha, focal_gamma: of the focal / GIoU-aware losses and matching cost.
@@ -100,7 +103,9 @@ class RankDETR(nn.Module):
             "ffn_dim": ffn_dim,
             "dropout": dropout,
         }
-        self.encoder = DeformableEncoder(num_layers=encoder_layers, **sizes)
+        self.encoder = DeformableEncoder(
+            num_layers=encoder_layers, activation_checkpointing=activation_checkpointing, **sizes
+        )
         self.proposals = TwoStageProposals(num_classes=num_classes, embed_dim=embed_dim)
         self.query_embedding = nn.Embedding(total_queries, embed_dim)
         self.decoder = RankDecoder(
@@ -110,6 +115,7 @@ class RankDETR(nn.Module):
             rank_adaptive_head=rank.rch,
             query_rank_layer=rank.qrl,
             look_forward_twice=look_forward_twice,
+            activation_checkpointing=activation_checkpointing,
             **sizes,
         )
         weights = {"class": 2.0, "bbox": 5.0, "giou": 2.0, **(loss_weights or {})}

@@ -307,3 +307,40 @@ def test_structural_arguments_reach_the_modules():
     with torch.no_grad():
         results = model(batch())
     assert [len(r["instances"]) for r in results] == [9, 9]
+
+
+def counting(forward, calls: list):
+    def wrapped(*args, **kwargs):
+        calls.append(forward)
+        return forward(*args, **kwargs)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_checkpointing_gives_the_same_losses_and_gradients(dropout):
+    """model.activation_checkpointing recomputes each encoder / decoder layer in backward; with
+    the RNG state restored (dropout on too), losses and every gradient are bit for bit those of
+    a plain run on the same weights."""
+    results = []
+    for checkpointing in (False, True):
+        model = build(f"activation_checkpointing={checkpointing}", f"dropout={dropout}")
+        assert model.encoder.activation_checkpointing == model.decoder.activation_checkpointing
+        assert model.decoder.activation_checkpointing == checkpointing
+        model.train()
+        calls = []
+        for layer in (model.encoder.layers[0], model.decoder.layers[0]):
+            layer.forward = counting(layer.forward, calls)
+        torch.manual_seed(3)
+        losses = model(batch())
+        sum(losses.values()).backward()
+        # Checkpointed layers run again in backward.
+        assert len(calls) == (4 if checkpointing else 2)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append(({k: v.detach() for k, v in losses.items()}, grads))
+    (plain_losses, plain_grads), (ckpt_losses, ckpt_grads) = results
+    for name, value in plain_losses.items():
+        assert torch.equal(ckpt_losses[name], value), name
+    assert plain_grads.keys() == ckpt_grads.keys() and len(plain_grads) > 100
+    for name, grad in plain_grads.items():
+        assert torch.equal(ckpt_grads[name], grad), name
