@@ -6,6 +6,7 @@ train = dict(
     max_iter=90000,
     device="auto",  # "auto": cuda when available, else cpu
     amp=None,  # None, "bf16" or "fp16" (fp16 needs CUDA); the forward runs under autocast
+    compile=False,  # True: torch.compile the encoder / decoder layers (RankDETR.compile_layers)
     clip_grad_norm=0.1,
     # A NaN / infinite loss term: "error" stops naming the terms and the iteration (no checkpoint
     # is written from that step); "skip" skips its optimizer step and counts it

@@ -36,10 +36,10 @@ def step_lr_schedule(
     (12 epochs: drop at 11/12; 36 epochs: at 30/36).
     """
     from detectron2.solver import WarmupParamScheduler
-    from fvcore.common.param_scheduler import ConstantParamScheduler, MultiStepParamScheduler
+    from fvcore.common.param_scheduler import MultiStepParamScheduler
 
     if max_iter < 2:  # a one-iteration run (a smoke test) has no room for a drop
-        return ConstantParamScheduler(1.0)
+        return MultiStepParamScheduler(values=[1.0], milestones=[], num_updates=max(max_iter, 1))
     drop = max(1, min(max_iter - 1, round(max_iter * drop_fraction)))
     steps = MultiStepParamScheduler(values=[1.0, factor], milestones=[drop], num_updates=max_iter)
     if not warmup_iters:

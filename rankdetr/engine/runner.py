@@ -181,6 +181,8 @@ def _train(cfg: DictConfig, resume: bool) -> dict:
     seed = _seed_everything(cfg)
     _set_deterministic(cfg.train.get("deterministic", False))
     model = build_model(cfg)
+    if cfg.train.get("compile", False):
+        model.compile_layers()
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     train_loader = _build_train_loader(cfg, seed)

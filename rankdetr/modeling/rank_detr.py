@@ -149,6 +149,16 @@ class RankDETR(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
+    def compile_layers(self, **compile_kwargs) -> None:
+        """torch.compile every encoder and decoder layer in place (`nn.Module.compile`, so
+        parameter names and checkpoints are unchanged). The layers compile with
+        `fullgraph=True` (no graph breaks: tests/modeling/test_compile.py); the rest of the
+        model (backbone, matching, losses) stays eager. `compile_kwargs` go to torch.compile
+        (default: dynamic shapes, as image sizes vary)."""
+        options = {"fullgraph": True, "dynamic": True, **compile_kwargs}
+        for layer in [*self.encoder.layers, *self.decoder.layers]:
+            layer.compile(**options)
+
     def set_training_progress(self, progress: float) -> None:
         """Called by the trainer with iteration / max_iter: drives the HMC switch."""
         self.criterion.set_training_progress(progress)

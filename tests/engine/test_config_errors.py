@@ -176,3 +176,4 @@ def test_a_key_given_twice_is_checked_with_its_last_override():
 def test_a_one_iteration_run_has_a_constant_learning_rate():
     schedule = step_lr_schedule(max_iter=1)
     assert schedule(0.0) == 1.0 and schedule(0.99) == 1.0
+    assert schedule(1.0) == 1.0  # detectron2's LR hook asks once more after the last step
