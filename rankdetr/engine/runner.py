@@ -73,16 +73,16 @@ def _training_dataset(cfg: DictConfig) -> str:
     return names if isinstance(names, str) else names[0]
 
 
+def _num_classes_unset(cfg: DictConfig) -> bool:
+    """model.num_classes left to the data: None, or "None" / "null" typed as an override."""
+    return cfg.model.get("num_classes") in (None, "None", "none", "null")
+
+
 def check_num_classes(cfg: DictConfig) -> None:
     """Before training: model.num_classes must be the training data's (None takes it from
     there); a mismatch is one ConfigError naming both, not an IndexError mid-run."""
     data_classes = num_classes_of(_training_dataset(cfg))
-    if cfg.model.get("num_classes") in (
-        None,
-        "None",
-        "none",
-        "null",
-    ):  # `=None` on the command line
+    if _num_classes_unset(cfg):
         cfg.model.num_classes = data_classes
     elif cfg.model.num_classes != data_classes:
         raise ConfigError(
@@ -94,7 +94,7 @@ def check_num_classes(cfg: DictConfig) -> None:
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:
     """Instantiate cfg.model on train.device; num_classes=None takes it from the train data."""
-    if cfg.model.get("num_classes") in (None, "None", "none", "null"):
+    if _num_classes_unset(cfg):
         cfg.model.num_classes = num_classes_of(_training_dataset(cfg))
     model = instantiate(cfg.model)
     model.to(resolve_device(cfg.train.device))
