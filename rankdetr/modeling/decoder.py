@@ -138,14 +138,8 @@ class RankDecoder(nn.Module):
         * Box heads: last layer zero (the first refinement keeps the proposals).
         * RCH biases s^l: zero.
         """
-        init_like_release_transformer(
-            self.layers,
-            *(
-                m
-                for m in (self.rank_content_query, self.rank_query_proj, self.rank_query_fuse)
-                if m
-            ),
-        )
+        qrl_parts = (self.rank_content_query, self.rank_query_proj, self.rank_query_fuse)
+        init_like_release_transformer(self.layers, *(part for part in qrl_parts if part))
         prior_logit = -math.log((1 - 0.01) / 0.01)  # initial scores of 0.01 (focal-loss prior)
         for head in self.class_heads:
             nn.init.constant_(head.bias, prior_logit)
