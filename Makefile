@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 SRC := rankdetr tools tests configs setup.py
 
-.PHONY: setup demo test lint format
+.PHONY: setup demo test lint format gpu-check
 
 setup:
 	@bash tools/setup_env.sh
@@ -13,6 +13,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+gpu-check: setup
+	$(PY) tools/gpu_selftest.py
 
 lint: setup
 	$(PY) -m ruff check $(SRC)

@@ -1,0 +1,45 @@
+"""tools/gpu_selftest.py on a CPU-only machine: the CPU checks run and pass, the GPU ones are
+listed as skipped, and a wrong op makes the command fail."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import rankdetr.selftest as selftest
+from tests.conftest import REPO_ROOT
+
+TOOL = REPO_ROOT / "tools" / "gpu_selftest.py"
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("gpu_selftest", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_run_passes_and_lists_what_it_skipped(tool, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only report")
+    assert tool.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "| op on cpu | several levels, float64 | ok |" in out
+    assert "| op on cpu | gradcheck, float64 | ok |" in out
+    assert "| ddp | NCCL over all GPUs | skipped |" in out
+    assert "R50 at 800x1333, 30 iterations | skipped" in out
+    assert "0 failed" in out
+
+
+def test_a_wrong_op_is_a_failure_and_a_non_zero_exit(tool, monkeypatch, capsys):
+    def off_by_a_percent(*args):
+        return selftest.ms_deform_attn_reference(*args) * 1.01
+
+    monkeypatch.setattr(selftest, "ms_deform_attn", off_by_a_percent)
+    rows = selftest.op_correctness("cpu")
+    assert rows and all(row.status == "FAIL" for row in rows)
+    monkeypatch.setattr(selftest, "op_speed", lambda device, repeats: [])
+    monkeypatch.setattr(selftest, "model_run", lambda *args: [])
+    assert tool.main(["--quick", "--device", "cpu"]) == 1
+    assert "failed" in capsys.readouterr().out
