@@ -1,20 +1,18 @@
 """tools/ablation_sweep.py: the grid of Table 4 and the table it writes (runs faked)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import load_tool
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "ablation_sweep.py"
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("ablation_sweep", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(TOOL, "ablation_sweep")
 
 
 def test_table4_rows_are_the_papers(sweep):

@@ -1,6 +1,5 @@
 """tools/demo.py: inputs (files, directories, globs), drawn PNGs, and bad inputs reported."""
 
-import importlib.util
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import pytest
 from PIL import Image
 
 from rankdetr.predictor import Prediction
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, load_tool
 from tests.test_predictor import DEMO_CONFIG, TINY_OVERRIDES, save_tiny_checkpoint
 
 TOOL = REPO_ROOT / "tools" / "demo.py"
@@ -17,10 +16,7 @@ TOOL = REPO_ROOT / "tools" / "demo.py"
 
 @pytest.fixture(scope="module")
 def demo():
-    spec = importlib.util.spec_from_file_location("demo_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(TOOL, "demo_tool")
 
 
 def write_image(path, height, width, seed=0):

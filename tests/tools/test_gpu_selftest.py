@@ -1,23 +1,18 @@
 """tools/gpu_selftest.py on a CPU-only machine: the CPU checks run and pass, the GPU ones are
 listed as skipped, and a wrong op makes the command fail."""
 
-import importlib.util
-
 import pytest
 import torch
 
 import rankdetr.selftest as selftest
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, load_tool
 
 TOOL = REPO_ROOT / "tools" / "gpu_selftest.py"
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("gpu_selftest", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(TOOL, "gpu_selftest")
 
 
 def test_cpu_run_passes_and_lists_what_it_skipped(tool, capsys):

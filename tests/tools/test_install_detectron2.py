@@ -1,19 +1,17 @@
 """tools/install_detectron2.py: the repairs of v0.6 and the archive check, without a network."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import load_tool
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "install_detectron2.py"
 
 
 @pytest.fixture(scope="module")
 def installer():
-    spec = importlib.util.spec_from_file_location("install_detectron2", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(TOOL, "install_detectron2")
 
 
 LAUNCH_V06 = """def _distributed_worker(local_rank, main_func, world_size, num_gpus_per_machine):

@@ -1,7 +1,5 @@
 """tools/model_stats.py: inference parameters, the flop handles against hand formulas, the table."""
 
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +9,7 @@ from torch import nn
 from rankdetr._ext import extension_available
 from rankdetr.layers.ms_deform_attn_op import ms_deform_attn_reference
 from rankdetr.modeling.rank_options import RankOptions
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, load_tool
 from tests.modeling.test_rank_detr import tiny_model
 from tests.test_predictor import DEMO_CONFIG, TINY_OVERRIDES
 
@@ -23,10 +21,7 @@ SHAPES = [(3, 4), (2, 2), (1, 1)]
 
 @pytest.fixture(scope="module")
 def stats():
-    spec = importlib.util.spec_from_file_location("model_stats", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(TOOL, "model_stats")
 
 
 @pytest.mark.parametrize("rch,qrl", [(True, True), (False, False), (True, False)])
