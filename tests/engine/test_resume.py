@@ -136,7 +136,7 @@ def train_quadratic(out_dir, resume=False, crash_after=None):
     torch.manual_seed(0)
     model = Quadratic()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    trainer = RankDETRTrainer(model, [torch.ones(4)] * 20, optimizer, clip_grad_norm=None)
+    trainer = RankDETRTrainer(model, [torch.ones(4)] * 20, optimizer, clip_grad_params=None)
     ema, record = EMAHook(model, decay=0.5), RecordLR()
     checkpointer = SafeCheckpointer(model, str(out_dir), trainer=trainer)
     trainer.register_hooks(
@@ -206,7 +206,7 @@ OVERRIDES = [
     "train.log_period=4",
     "train.seed=7",
     "train.deterministic=True",
-    "train.ema.enabled=True",
+    "train.model_ema.enabled=True",
     "dataloader.train.total_batch_size=2",
     "dataloader.train.num_workers=0",
     "dataloader.test.num_workers=0",
