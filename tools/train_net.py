@@ -3,7 +3,7 @@
 
     .venv/bin/python tools/train_net.py --config-file configs/demo/rank_detr_r18_shapes.py
     .venv/bin/python tools/train_net.py --config-file CFG --eval-only train.init_checkpoint=M.pth
-    .venv/bin/python tools/train_net.py --config-file CFG --num-gpus 8 train.amp=bf16
+    .venv/bin/python tools/train_net.py --config-file CFG --num-gpus 8 train.amp.enabled=True
     .venv/bin/python tools/train_net.py --config-file CFG --resume        # continue a run
 
 Overrides are `key=value` pairs after the flags (e.g. `model.rank.qrl=False train.max_iter=500`);

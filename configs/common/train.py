@@ -1,19 +1,32 @@
-"""Defaults of the `train` node."""
+"""Defaults of the `train` node, with detrex's names (configs and sweeps written for detrex's
+`train` node port; an old rankdetr name is refused with the new one)."""
 
 train = dict(
     output_dir="./output",
-    init_checkpoint="",  # a local file: rankdetr checkpoint, or converted release weights
+    # Weights to start from: a local file or a URL (detectron2://..., https://...) resolved by
+    # detectron2's PathManager: a rankdetr checkpoint, converted release weights, or ImageNet
+    # backbone weights (torchvision / detectron2 .pkl ResNet, Microsoft's Swin, timm). "" starts
+    # from random weights. The R50 configs set detrex's ImageNet R-50.
+    init_checkpoint="",
     max_iter=90000,
     device="auto",  # "auto": cuda when available, else cpu
-    amp=None,  # None, "bf16" or "fp16" (fp16 needs CUDA); the forward runs under autocast
+    # The forward runs under autocast: dtype "bf16" (CPU or GPU) or "fp16" (CUDA only, with a
+    # gradient scaler). The deformable-attention op, matching and losses compute in float32.
+    amp=dict(enabled=False, dtype="bf16"),
     compile=False,  # True: torch.compile the encoder / decoder layers (RankDETR.compile_layers)
-    clip_grad_norm=0.1,
+    clip_grad=dict(enabled=True, params=dict(max_norm=0.1, norm_type=2)),
     # A NaN / infinite loss term: "error" stops naming the terms and the iteration (no checkpoint
     # is written from that step); "skip" skips its optimizer step and counts it
     # ("nonfinite_skips" in the metrics). With DDP all processes decide alike.
     nonfinite_loss="error",
     max_nonfinite_skips=None,  # "skip" mode: stop after this many consecutive skips; None: never
-    ema=dict(enabled=False, decay=0.9998, evaluate_average=True),
+    # An exponential moving average of the weights, saved in every checkpoint. With
+    # use_ema_weights_for_eval_only, evaluation (during training, --eval-only, the Predictor, the
+    # figure commands) uses the average whenever the checkpoint holds one. device: "" keeps the
+    # average beside the weights, "cpu" saves GPU memory.
+    model_ema=dict(enabled=False, decay=0.9998, device="", use_ema_weights_for_eval_only=True),
+    # A quick check that a config runs: 20 iterations, evaluation at 10 and 20, a log line each.
+    fast_dev_run=dict(enabled=False),
     checkpointer=dict(period=5000, max_to_keep=100),
     eval_period=5000,
     log_period=20,

@@ -37,12 +37,20 @@ class EMAHook(HookBase):
     """Keeps an exponential moving average of the model's floating-point state.
 
     The decay used at update t is min(decay, (1 + t) / (10 + t)), so that early averages follow
-    the model. The average is saved with the trainer's checkpoint and restored on resume.
+    the model. The average is saved with the trainer's checkpoint (`trainer.hooks.EMAHook.shadow`,
+    read back by :func:`rankdetr.engine.checkpoint.ema_weights_in`) and restored on resume.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float = 0.9998):
+    def __init__(self, model: torch.nn.Module, decay: float = 0.9998, device: str = ""):
+        """
+        Args:
+            model: the model itself (not a DDP wrapper).
+            decay: the largest decay (train.model_ema.decay).
+            device: where the average lives (train.model_ema.device); "" beside the weights.
+        """
         self._model = model
         self.decay = decay
+        self.device = device or None
         self.updates = 0
         self.shadow = self._copy_of_float_state()
 
@@ -50,7 +58,7 @@ class EMAHook(HookBase):
         return {k: v for k, v in self._model.state_dict().items() if v.dtype.is_floating_point}
 
     def _copy_of_float_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self._float_state().items()}
+        return {k: v.detach().to(self.device, copy=True) for k, v in self._float_state().items()}
 
     def before_train(self):
         # Weights loaded after construction (train.init_checkpoint) start the average; a resumed
@@ -63,7 +71,8 @@ class EMAHook(HookBase):
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for name, value in self._float_state().items():
-            self.shadow[name].mul_(decay).add_(value.detach(), alpha=1 - decay)
+            shadow = self.shadow[name]
+            shadow.mul_(decay).add_(value.detach().to(shadow.device), alpha=1 - decay)
 
     @contextlib.contextmanager
     def averaged_weights(self):

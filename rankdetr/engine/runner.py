@@ -1,8 +1,9 @@
 """Training and evaluation from a LazyConfig: what tools/train_net.py runs in every process.
 
 The config has the nodes `model`, `optimizer`, `lr_multiplier`, `dataloader` (train, test,
-evaluator) and `train` (output_dir, init_checkpoint, max_iter, device, amp, clip_grad_norm, ema,
-checkpoint_period, eval_period, log_period, seed, ddp).
+evaluator) and `train` (configs/common/train.py, detrex's names: output_dir, init_checkpoint,
+max_iter, device, amp, clip_grad, model_ema, fast_dev_run, checkpointer, eval_period, log_period,
+seed, ddp, and rankdetr's compile, nonfinite_loss, deterministic).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.registry import locate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from rankdetr.data.datasets import num_classes_of
@@ -30,7 +31,8 @@ from rankdetr.engine.checkpoint import SafeCheckpointer
 from rankdetr.engine.config_checks import (
     ConfigError,
     apply_checked_overrides,
-    check_override_keys,
+    check_renamed_keys,
+    new_name_of,
 )
 from rankdetr.engine.hooks import EMAHook, SeedHook, TrainingProgressHook
 from rankdetr.engine.run_lock import run_lock
@@ -38,7 +40,7 @@ from rankdetr.engine.trainer import RankDETRTrainer
 
 __all__ = [
     "ConfigError",
-    "check_override_keys",
+    "apply_fast_dev_run",
     "load_config",
     "build_model",
     "do_test",
@@ -50,13 +52,37 @@ logger = logging.getLogger("rankdetr")
 
 
 def load_config(config_file: str, overrides: list[str]) -> DictConfig:
-    """LazyConfig.load + overrides, refusing a missing file, overrides of keys the config does
-    not have (with close matches) and values of the wrong type (see
-    :mod:`rankdetr.engine.config_checks`). Every problem is a ConfigError naming it."""
+    """LazyConfig.load + overrides, refusing a missing file, old key names, overrides of keys
+    the config does not have (with close matches) and values of the wrong type (see
+    :mod:`rankdetr.engine.config_checks`); then train.fast_dev_run. Every problem is a
+    ConfigError naming it."""
     if not Path(config_file).is_file():
         raise ConfigError(f"config file not found: {config_file}")
-    cfg = LazyConfig.load(config_file)
-    return apply_checked_overrides(cfg, overrides)
+    try:
+        cfg = LazyConfig.load(config_file)
+    except (AttributeError, KeyError) as error:  # e.g. `train.ema.enabled = True` in the file
+        _refuse_old_name_in_file(error, config_file)
+        raise
+    check_renamed_keys(cfg, config_file)
+    return apply_fast_dev_run(apply_checked_overrides(cfg, overrides))
+
+
+def _refuse_old_name_in_file(error: Exception, config_file: str) -> None:
+    """A config file that reads a node by its old name fails while it runs: name the new one."""
+    name = getattr(error, "name", None) or getattr(error, "key", None)
+    new = new_name_of(f"train.{name}") if isinstance(name, str) else None
+    if new is not None:
+        raise ConfigError(
+            f"{config_file} uses train.{name}, renamed to {new} (detrex's name)"
+        ) from error
+
+
+def apply_fast_dev_run(cfg: DictConfig) -> DictConfig:
+    """train.fast_dev_run.enabled, as in detrex: 20 iterations, evaluation every 10, a log line
+    every iteration (a quick check that a config runs end to end)."""
+    if OmegaConf.select(cfg, "train.fast_dev_run.enabled", default=False):
+        cfg.train.max_iter, cfg.train.eval_period, cfg.train.log_period = 20, 10, 1
+    return cfg
 
 
 def resolve_device(device: str) -> torch.device:
@@ -192,16 +218,20 @@ def _train(cfg: DictConfig, resume: bool) -> dict:
         train_loader,
         optimizer,
         device_type=resolve_device(cfg.train.device).type,
-        amp=cfg.train.get("amp"),
-        clip_grad_norm=cfg.train.get("clip_grad_norm"),
+        amp=cfg.train.amp.dtype if cfg.train.amp.enabled else None,
+        clip_grad_params=cfg.train.clip_grad.params if cfg.train.clip_grad.enabled else None,
         nonfinite_loss=cfg.train.get("nonfinite_loss", "error"),
         max_nonfinite_skips=cfg.train.get("max_nonfinite_skips"),
     )
     checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trainer=trainer)
-    ema = EMAHook(model, cfg.train.ema.decay) if cfg.train.get("ema", {}).get("enabled") else None
+    ema_cfg = cfg.train.model_ema
+    ema = EMAHook(model, ema_cfg.decay, ema_cfg.device) if ema_cfg.enabled else None
 
     def evaluate():
-        if ema is not None and cfg.train.ema.get("evaluate_average", True):
+        if ema is not None and ema_cfg.use_ema_weights_for_eval_only:
+            logger.info(
+                "Evaluating the EMA weights (train.model_ema.use_ema_weights_for_eval_only)"
+            )
             with ema.averaged_weights():
                 return do_test(cfg, model)
         return do_test(cfg, model)

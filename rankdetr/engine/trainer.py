@@ -29,7 +29,13 @@ from detectron2.engine import SimpleTrainer
 
 from rankdetr.errors import UserError
 
-__all__ = ["NONFINITE_LOSS_MODES", "NonFiniteLossError", "RankDETRTrainer", "autocast_dtype"]
+__all__ = [
+    "NONFINITE_LOSS_MODES",
+    "NonFiniteLossError",
+    "RankDETRTrainer",
+    "TrainValueError",
+    "autocast_dtype",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +44,16 @@ NONFINITE_LOSS_MODES = ("error", "skip")
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class TrainValueError(ValueError, UserError):
+    """A train.* value the trainer cannot use (e.g. fp16 without CUDA); the message names it."""
+
+
 def autocast_dtype(amp: str | None) -> torch.dtype | None:
-    """ "bf16" / "fp16" / None (or "", "none", "off") -> the autocast dtype, or None."""
-    if amp in (None, "", "none", "off", False):
+    """ "bf16" / "fp16" (train.amp.dtype) or None (autocast off) -> the autocast dtype, or None."""
+    if amp is None:
         return None
     if amp not in _AMP_DTYPES:
-        raise ValueError(f"train.amp must be one of 'bf16', 'fp16' or None, got {amp!r}")
+        raise TrainValueError(f"train.amp.dtype must be 'bf16' or 'fp16', got {amp!r}")
     return _AMP_DTYPES[amp]
 
 
@@ -62,7 +72,7 @@ class RankDETRTrainer(SimpleTrainer):
         *,
         device_type: str = "cpu",
         amp: str | None = None,
-        clip_grad_norm: float | None = 0.1,
+        clip_grad_params: dict | None = None,
         nonfinite_loss: str = "error",
         max_nonfinite_skips: int | None = None,
     ):
@@ -72,8 +82,9 @@ class RankDETRTrainer(SimpleTrainer):
             data_loader: an iterable of batches.
             optimizer: the optimiser.
             device_type: "cpu" or "cuda", for autocast.
-            amp: "bf16", "fp16" (CUDA; uses a GradScaler) or None.
-            clip_grad_norm: max gradient norm, or None for no clipping.
+            amp: the autocast dtype, "bf16" or "fp16" (CUDA; uses a GradScaler), or None.
+            clip_grad_params: arguments of torch.nn.utils.clip_grad_norm_ (max_norm, norm_type;
+                train.clip_grad.params), or None for no clipping.
             nonfinite_loss: "error" or "skip", what a NaN / infinite loss term does (module doc).
             max_nonfinite_skips: in "skip" mode, stop with an error after this many consecutive
                 skipped steps; None never stops.
@@ -82,15 +93,15 @@ class RankDETRTrainer(SimpleTrainer):
         self.device_type = device_type
         self.amp_dtype = autocast_dtype(amp)
         if self.amp_dtype == torch.float16 and device_type != "cuda":
-            raise ValueError("train.amp='fp16' needs CUDA; use 'bf16' on the CPU")
+            raise TrainValueError("train.amp.dtype='fp16' needs CUDA; use 'bf16' on the CPU")
         self.grad_scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.clip_grad_norm = clip_grad_norm
+        self.clip_grad_params = dict(clip_grad_params) if clip_grad_params else None
         if nonfinite_loss not in NONFINITE_LOSS_MODES:
-            raise ValueError(
+            raise TrainValueError(
                 f"train.nonfinite_loss must be 'error' or 'skip', got {nonfinite_loss!r}"
             )
         if max_nonfinite_skips is not None and max_nonfinite_skips < 1:
-            raise ValueError(
+            raise TrainValueError(
                 f"train.max_nonfinite_skips must be a positive int or None, got "
                 f"{max_nonfinite_skips!r}"
             )
@@ -122,9 +133,9 @@ class RankDETRTrainer(SimpleTrainer):
         else:
             losses.backward()
         self._write_metrics(loss_dict, data_time)
-        if self.clip_grad_norm:
+        if self.clip_grad_params:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, **self.clip_grad_params)
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()

@@ -18,7 +18,7 @@ CONFIG = """
 train = dict(
     max_iter=100,
     lr=0.5,
-    amp=None,
+    optional=None,
     clip=0.1,
     enabled=True,
     name="run",
@@ -96,7 +96,7 @@ def test_values_that_fit_are_applied(config_file):
             "train.max_iter=7",
             "train.lr=1",  # an int for a float key: stored as a float
             "train.clip=null",  # None means "off" for int / float / str keys
-            "train.amp=bf16",  # the default is None: anything goes
+            "train.optional=bf16",  # the default is None: anything goes
             "train.enabled=false",
             "train.name=123",  # a number for a str key: the text typed
             "train.sizes=[96,112,128]",
@@ -108,7 +108,7 @@ def test_values_that_fit_are_applied(config_file):
     )
     train = cfg.train
     assert train.max_iter == 7 and train.lr == 1.0 and isinstance(train.lr, float)
-    assert train.clip is None and train.amp == "bf16" and train.enabled is False
+    assert train.clip is None and train.optional == "bf16" and train.enabled is False
     assert train.name == "123" and isinstance(train.name, str)
     assert list(train.sizes) == [96, 112, 128] and list(train.scales) == [1, 2.5]
     assert train.nested.period == 9 and train.nested.keep == 2 and train.follows == 3
@@ -131,8 +131,8 @@ def test_syntax_errors_name_their_override(config_file):
 def test_demo_config_types(tmp_path):
     with pytest.raises(ConfigError, match="model.rank.qrl expects a bool"):
         load_config(DEMO, ["model.rank.qrl=0"])
-    cfg = load_config(DEMO, ["train.max_iter=7", "optimizer.lr=1", "train.amp=bf16"])
-    assert cfg.train.max_iter == 7 and cfg.optimizer.lr == 1.0 and cfg.train.amp == "bf16"
+    cfg = load_config(DEMO, ["train.max_iter=7", "optimizer.lr=1", "train.amp.dtype=fp16"])
+    assert cfg.train.max_iter == 7 and cfg.optimizer.lr == 1.0 and cfg.train.amp.dtype == "fp16"
     assert cfg.lr_multiplier.max_iter == 7  # the interpolation follows the override
 
 

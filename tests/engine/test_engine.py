@@ -77,7 +77,7 @@ class RecordingModel(torch.nn.Module):
 def run_trainer(model, iterations, amp=None, extra_hooks=()):
     data = [torch.ones(3)] * 100
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    trainer = RankDETRTrainer(model, data, optimizer, amp=amp, clip_grad_norm=1.0)
+    trainer = RankDETRTrainer(model, data, optimizer, amp=amp, clip_grad_params={"max_norm": 1.0})
     trainer.register_hooks([TrainingProgressHook(model), *extra_hooks])
     with EventStorage():
         trainer.train(0, iterations)

@@ -43,7 +43,9 @@ class RecordWeights(HookBase):
 
 def make_trainer(model, **options):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    return RankDETRTrainer(model, [torch.ones(2)] * 100, optimizer, clip_grad_norm=None, **options)
+    return RankDETRTrainer(
+        model, [torch.ones(2)] * 100, optimizer, clip_grad_params=None, **options
+    )
 
 
 def test_error_mode_names_terms_and_iteration_and_keeps_the_last_good_checkpoint(tmp_path):
