@@ -30,10 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.file_io import PathManager
 
 from rankdetr.checkpoint.backbone_weights import (
     CheckpointError,
     _ArraysOnlyUnpickler,
+    load_backbone_weights,
     read_weights_file,
 )
 from rankdetr.checkpoint.swin import convert_swin_state_dict, is_swin_classification_checkpoint
@@ -44,6 +46,7 @@ __all__ = [
     "SafeCheckpointer",
     "atomic_torch_save",
     "is_complete_checkpoint",
+    "local_weights_file",
     "to_weights_only",
 ]
 
@@ -242,13 +245,14 @@ class SafeCheckpointer(DetectionCheckpointer):
     # --- loading ---------------------------------------------------------------------------
 
     def load(self, path: str, *args, strict: bool = False, **kwargs) -> dict[str, Any]:
-        """As Checkpointer.load, for local files only (nothing is downloaded).
+        """As Checkpointer.load; a URL is downloaded first (:func:`local_weights_file`).
 
         With `strict`, a checkpoint whose tensors do not match the model's one for one (missing,
         unexpected or of another shape) raises CheckpointError naming them, before anything is
         loaded. Evaluation and resuming load strictly; `train.init_checkpoint` at the start of
         training does not (it may hold only a backbone, e.g. ImageNet weights).
         """
+        path = local_weights_file(path)
         if path and not os.path.isfile(path):
             raise CheckpointError(f"checkpoint file not found: {path}")
         self._strict, self._loading = strict, path
@@ -259,10 +263,28 @@ class SafeCheckpointer(DetectionCheckpointer):
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> dict[str, Any]:
         """Resume strictly from the newest complete checkpoint of save_dir when `resume` and
-        there is one; else load `path` (train.init_checkpoint) without its checkpointables."""
+        there is one; else load `path` (train.init_checkpoint, a file or a URL) without its
+        checkpointables. ImageNet weights of the backbone alone (torchvision / detectron2 ResNet,
+        Microsoft's Swin, timm) go through :func:`load_backbone_weights`, which recognises
+        their names and refuses a file that lacks a backbone tensor."""
         if resume and self.has_checkpoint():
             return self.load(self.get_checkpoint_file(), strict=True)
+        path = local_weights_file(path)
+        if path and self._holds_backbone_weights_only(path):
+            load_backbone_weights(self.model.backbone, path)
+            return {}
         return self.load(path, checkpointables=[])
+
+    def _holds_backbone_weights_only(self, path: str) -> bool:
+        """Whether `path` has none of the model's tensors outside `backbone.` (an ImageNet
+        file), so that it is the backbone's to load."""
+        if not isinstance(getattr(self.model, "backbone", None), torch.nn.Module):
+            return False
+        if not os.path.isfile(path):
+            return False  # load() names the missing file
+        names = {re.sub(r"^module\.", "", k) for k in read_weights_file(path)}
+        rest = {k for k in self.model.state_dict() if not k.startswith("backbone.")}
+        return not names & rest
 
     def _load_model(self, checkpoint: dict[str, Any]):
         if self._strict:
@@ -345,6 +367,26 @@ class SafeCheckpointer(DetectionCheckpointer):
         if isinstance(loaded["model"], dict) and is_swin_classification_checkpoint(loaded["model"]):
             loaded["model"] = _swin_imagenet_weights_for_the_backbone(filename, loaded["model"])
         return loaded
+
+
+def local_weights_file(path: str) -> str:
+    """`path` as a local file: a URL (detectron2://, https://, ...) is downloaded once into
+    detectron2's cache by its PathManager, as detectron2 and detrex do; "" stays "".
+
+    Raises:
+        CheckpointError saying that the download failed and how to pass a local file instead.
+    """
+    if "://" not in str(path):
+        return path
+    try:
+        return PathManager.get_local_path(path)
+    except Exception as error:  # noqa: BLE001  (no network, a proxy, an HTTP error...)
+        name = str(path).rstrip("/").rsplit("/", 1)[-1]
+        raise CheckpointError(
+            f"cannot download {path} ({_short(error)}). Without internet, download it "
+            f"elsewhere and pass the local file: train.init_checkpoint=/path/to/{name} (or "
+            'train.init_checkpoint="" to start from random weights)'
+        ) from error
 
 
 # Tensors whose shape follows the number of classes: the class heads and the RCH biases.

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from detectron2.engine import HookBase
+from detectron2.utils.file_io import PathManager
 
 import rankdetr.engine.checkpoint as checkpoint_module
 from rankdetr.engine.checkpoint import (
@@ -187,10 +188,15 @@ def test_a_damaged_file_is_an_error_naming_it(tmp_path, damage):
         SafeCheckpointer(small_model()).load(str(path))
 
 
-def test_missing_file_is_named_and_nothing_is_downloaded(tmp_path):
+def test_missing_file_is_named_and_a_failed_download_too(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="not found: .*nope.pth"):
         SafeCheckpointer(small_model()).load(str(tmp_path / "nope.pth"))
-    with pytest.raises(CheckpointError, match="not found: https://"):
+
+    def offline(path, **kwargs):  # what detectron2's PathManager raises without a network
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(PathManager, "get_local_path", offline)
+    with pytest.raises(CheckpointError, match="cannot download https://example.com/model.pth"):
         SafeCheckpointer(small_model()).load("https://example.com/model.pth")
 
 
