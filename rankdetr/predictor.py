@@ -7,9 +7,9 @@
     result = predictor("image.png")          # or an (H, W, 3) uint8 RGB numpy array
     result.boxes, result.scores, result.classes, result.class_names
 
-Images go through the config's test transform (`dataloader.test.mapper`: shorter side to
-`test_size`, longer side at most `max_size`) and the channel order the model was trained with
-(the mapper's `image_format`); boxes come back in the pixels of the image as given.
+Images go through the config's test transform (`dataloader.test.mapper.augmentation`, e.g. the
+shorter side to 800, the longer at most 1333) and the channel order the model was trained with
+(the mapper's `img_format`); boxes come back in the pixels of the image as given.
 """
 
 from __future__ import annotations
@@ -251,12 +251,12 @@ def _test_transform(cfg: DictConfig) -> tuple[list, str, int | None]:
     """The test mapper's augmentations (resize), image format ("RGB" or "BGR") and pixel
     limit."""
     mapper = instantiate(cfg.dataloader.test.mapper)
-    augmentations = getattr(mapper, "augmentations", None)
-    if augmentations is None:
+    augmentation = getattr(mapper, "augmentation", None)
+    if augmentation is None:
         raise ConfigError(f"dataloader.test.mapper ({type(mapper).__name__}) has no "
-                          "`augmentations` to resize the images with")  # fmt: skip
+                          "`augmentation` to resize the images with")  # fmt: skip
     limit = getattr(mapper, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
-    return list(augmentations), getattr(mapper, "image_format", "RGB"), limit
+    return list(augmentation), getattr(mapper, "img_format", "RGB"), limit
 
 
 def _dataset_name(loader_cfg: DictConfig) -> str | None:

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from detectron2.data import transforms as T
 from PIL import Image
 
 from rankdetr.data.mapper import DetrDatasetMapper
@@ -35,8 +36,8 @@ TINY_OVERRIDES = [
     "model.num_queries=8",
     "model.num_queries_one2many=8",
     "model.num_detections=10",
-    "dataloader.test.mapper.test_size=64",
-    "dataloader.test.mapper.max_size=96",
+    "dataloader.test.mapper.augmentation.0.short_edge_length=64",
+    "dataloader.test.mapper.augmentation.0.max_size=96",
 ]
 NAMES = [category["name"] for category in SHAPES_CATEGORIES]
 
@@ -78,7 +79,7 @@ def test_matches_the_evaluation_pipeline_on_a_file(predictor, checkpoint, tmp_pa
     Image.fromarray(image).save(tmp_path / "image.png")
     model = build_model(load_config(DEMO_CONFIG, TINY_OVERRIDES))
     model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
-    mapper = DetrDatasetMapper(is_train=False, test_size=64, max_size=96)
+    mapper = DetrDatasetMapper([T.ResizeShortestEdge(64, max_size=96)], is_train=False)
     record = {"file_name": str(tmp_path / "image.png"), "height": 70, "width": 110, "image_id": 1}
     with torch.no_grad():
         expected = model.eval()([mapper(record)])[0]["instances"]
@@ -151,7 +152,7 @@ def test_the_model_gets_the_channel_order_it_was_trained_with(predictor, checkpo
     red = np.zeros((40, 40, 3), dtype=np.uint8)
     red[:, :, 0] = 255
     assert predictor.model_input(red)["image"][:, 0, 0].tolist() == [255, 0, 0]
-    overrides = [*TINY_OVERRIDES, "dataloader.test.mapper.image_format=BGR"]
+    overrides = [*TINY_OVERRIDES, "dataloader.test.mapper.img_format=BGR"]
     bgr = Predictor(DEMO_CONFIG, checkpoint, overrides=overrides)
     assert bgr.model_input(red)["image"][:, 0, 0].tolist() == [0, 0, 255]
 

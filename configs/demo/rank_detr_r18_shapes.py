@@ -37,8 +37,13 @@ optimizer.params.lr_multipliers = {"sampling_offsets": 0.1}  # the backbone lear
 
 # Batch 4 at shortest edges 128-160 (longest at most 224): ~0.5 s per iteration on 2 cores.
 dataloader.train.total_batch_size = 4
-dataloader.train.mapper.min_sizes = (128, 144, 160)
-dataloader.train.mapper.max_size = 224
+# The final resize of both augmentation lists (the shapes data config lists them in full).
+for _final_resize in (  # underscore: not a config key
+    dataloader.train.mapper.augmentation[-1],
+    dataloader.train.mapper.augmentation_with_crop[-1],
+):
+    _final_resize.short_edge_length = (128, 144, 160)
+    _final_resize.max_size = 224
 
 train.max_iter = 1300
 train.device = "cpu"

@@ -1,22 +1,27 @@
-"""Dataset dict -> model input, with the DETR augmentations (the recipe of DETR, Deformable DETR,
-H-DETR and Rank-DETR).
+"""Dataset dict -> model input, with augmentations given as lists of detectron2 transforms.
 
-Training picks, per image and with probability `crop_probability` (0.5 in the recipe), one of:
+The mapper takes detrex's arguments, so a detrex data config ports as it is:
 
-(a) random flip; resize the shorter side to one of `min_sizes` (longer side <= `max_size`);
-(b) random flip; resize the shorter side to one of `crop_resize_sizes`; crop a random
-    `crop_size`-range rectangle (height and width each uniform in the range, at most the image);
-    then resize as in (a).
+- `augmentation`: the list applied to every image (evaluation: just the resize);
+- `augmentation_with_crop`: an alternative list (training only), chosen per image with
+  probability `crop_probability` (detrex: always 0.5) instead of `augmentation`;
+- `img_format`: "RGB" or "BGR", the channel order the model sees.
 
-Evaluation resizes the shorter side to `test_size` (longer side <= `max_size`).
+The DETR recipe (DETR, Deformable DETR, H-DETR, Rank-DETR; configs/common/data/coco_detr.py):
+`augmentation` = random flip, resize the shorter side to one of 480..800 (longer side <= 1333);
+`augmentation_with_crop` = random flip, resize to 400/500/600, crop a rectangle whose height and
+width are each in 384..600, then resize as before. Evaluation resizes the shorter side to 800.
 
-Usable from a LazyConfig, e.g.
-`L(DetrDatasetMapper)(is_train=True, min_sizes=(128, 144, 160), max_size=256, ...)`.
+Beyond detrex: images are read by rankdetr's reader (missing or unreadable files and images above
+`max_image_pixels` are named in the error; grayscale, palette, 16-bit and RGBA files become 3
+channels), integer boxes are not truncated by the resizes, and annotated evaluation images keep
+their instances (the analysis tools compare detections with them).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,68 +29,21 @@ import torch
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from rankdetr.data.image_io import DEFAULT_MAX_IMAGE_PIXELS, read_image
+from rankdetr.data.image_io import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_FORMATS, read_image
 
-__all__ = [
-    "DetrDatasetMapper",
-    "build_detr_augmentations",
-    "build_detr_crop_augmentations",
-    "build_detr_test_augmentations",
-]
+__all__ = ["DetrDatasetMapper"]
 
-DETR_MIN_SIZES = tuple(range(480, 801, 32))
-
-
-def _random_flip(random_flip: str) -> list[T.Augmentation]:
-    if random_flip == "none":
-        return []
-    if random_flip not in ("horizontal", "vertical"):
-        raise ValueError(
-            f"random_flip must be 'horizontal', 'vertical' or 'none', got {random_flip!r}"
-        )
-    return [
-        T.RandomFlip(horizontal=random_flip == "horizontal", vertical=random_flip == "vertical")
-    ]
-
-
-def build_detr_augmentations(
-    min_sizes: Sequence[int] = DETR_MIN_SIZES, max_size: int = 1333, random_flip: str = "horizontal"
-) -> list[T.Augmentation]:
-    """List (a): flip, then resize the shorter side to a random choice of `min_sizes`."""
-    resize = T.ResizeShortestEdge(tuple(min_sizes), max_size=max_size, sample_style="choice")
-    return [*_random_flip(random_flip), resize]
-
-
-def build_detr_crop_augmentations(
-    min_sizes: Sequence[int] = DETR_MIN_SIZES,
-    max_size: int = 1333,
-    crop_resize_sizes: Sequence[int] = (400, 500, 600),
-    crop_size: tuple[int, int] = (384, 600),
-    random_flip: str = "horizontal",
-) -> list[T.Augmentation]:
-    """List (b): flip, resize to one of `crop_resize_sizes`, crop a rectangle whose height and
-    width are each drawn from the `crop_size` range (capped by the image), resize as (a)."""
-    return [
-        *_random_flip(random_flip),
-        T.ResizeShortestEdge(tuple(crop_resize_sizes), sample_style="choice"),
-        T.RandomCrop("absolute_range", tuple(crop_size)),
-        T.ResizeShortestEdge(tuple(min_sizes), max_size=max_size, sample_style="choice"),
-    ]
-
-
-def build_detr_test_augmentations(test_size: int = 800, max_size: int = 1333) -> list:
-    """Evaluation: resize the shorter side to `test_size`, the longer to at most `max_size`."""
-    return [T.ResizeShortestEdge(test_size, max_size=max_size)]
+logger = logging.getLogger(__name__)
 
 
 class DetrDatasetMapper:
-    """Reads an image and its annotations and augments them (DETR recipe, see module doc).
+    """Reads an image and its annotations and augments them (see the module doc).
 
     Input: a detectron2 dataset dict (file_name, height, width, image_id, annotations with bbox,
     bbox_mode, category_id, optional iscrowd).
 
     Output dict:
-        image: (3, H', W') uint8 tensor, RGB (or `image_format`), augmented;
+        image: (3, H', W') uint8 tensor in `img_format`, augmented;
         instances: Instances of size (H', W') with gt_boxes (XYXY in augmented pixels) and
             gt_classes (int64); crowd annotations and boxes emptied by a crop are dropped.
             Present whenever the input has annotations (also at evaluation);
@@ -95,77 +53,82 @@ class DetrDatasetMapper:
 
     def __init__(
         self,
-        *,
-        is_train: bool,
-        min_sizes: Sequence[int] = DETR_MIN_SIZES,
-        max_size: int = 1333,
-        crop_resize_sizes: Sequence[int] = (400, 500, 600),
-        crop_size: tuple[int, int] = (384, 600),
+        augmentation: Sequence[T.Augmentation | T.Transform],
+        augmentation_with_crop: Sequence[T.Augmentation | T.Transform] | None = None,
+        is_train: bool = True,
+        mask_on: bool = False,
+        img_format: str = "RGB",
         crop_probability: float = 0.5,
-        test_size: int = 800,
-        random_flip: str = "horizontal",
-        image_format: str = "RGB",
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         """
         Args:
-            is_train: training (random augmentations) or evaluation (fixed resize).
-            min_sizes: shorter-side choices of the final resize in training.
-            max_size: cap on the longer side, in training and evaluation.
-            crop_resize_sizes: shorter-side choices before the crop.
-            crop_size: (min, max) height and width of the crop, in pixels.
-            crop_probability: chance of the crop list (b) instead of (a).
-            test_size: shorter side in evaluation.
-            random_flip: "horizontal", "vertical" or "none".
-            image_format: "RGB" (the models' order) or "BGR"; grayscale, palette and RGBA files
-                are converted (alpha dropped).
+            augmentation: detectron2 augmentations applied in order to every image.
+            augmentation_with_crop: another list, used instead of `augmentation` with
+                probability `crop_probability` (None: `augmentation` always). Training only.
+            is_train: training or evaluation; evaluation takes no `augmentation_with_crop`, so
+                that every image is mapped the same way each time.
+            mask_on: detrex's switch for instance masks; rankdetr detects boxes only, so True is
+                refused.
+            img_format: "RGB" (the models' order) or "BGR".
+            crop_probability: chance of `augmentation_with_crop` per image.
             max_image_pixels: images with more pixels are refused, naming the file, before
                 their pixels are decoded (None: no limit).
         """
-        if image_format not in ("RGB", "BGR"):
-            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        if img_format not in IMAGE_FORMATS:
+            raise ValueError(f"img_format must be 'RGB' or 'BGR', got {img_format!r}")
+        if mask_on:
+            raise ValueError("mask_on=True: rankdetr's models detect boxes only, not masks")
         if not 0.0 <= crop_probability <= 1.0:
             raise ValueError(f"crop_probability must be in [0, 1], got {crop_probability}")
-        self.is_train = is_train
-        self.image_format = image_format
-        self.max_image_pixels = max_image_pixels
-        self.crop_probability = crop_probability
-        if is_train:
-            self.augmentations = build_detr_augmentations(min_sizes, max_size, random_flip)
-            self.crop_augmentations = build_detr_crop_augmentations(
-                min_sizes, max_size, crop_resize_sizes, crop_size, random_flip
+        if augmentation_with_crop is not None and not is_train:
+            raise ValueError(
+                "augmentation_with_crop is for training only: an evaluation mapper "
+                "(is_train=False) must map every image the same way; set it to None"
             )
-        else:
-            self.augmentations = build_detr_test_augmentations(test_size, max_size)
-            self.crop_augmentations = []
+        self.augmentation = _checked_augmentations(augmentation, "augmentation")
+        self.augmentation_with_crop = (
+            None
+            if augmentation_with_crop is None
+            else _checked_augmentations(augmentation_with_crop, "augmentation_with_crop")
+        )
+        self.is_train = is_train
+        self.img_format = img_format
+        self.crop_probability = crop_probability
+        self.max_image_pixels = max_image_pixels
+        logger.info("%r", self)
 
     def __repr__(self) -> str:
-        lines = [f"DetrDatasetMapper(is_train={self.is_train}, image_format={self.image_format}"]
-        lines.append(f"  augmentations={self.augmentations}")
-        if self.is_train:
-            lines.append(f"  with probability {self.crop_probability}: {self.crop_augmentations}")
-        return "\n".join(lines) + ")"
+        lines = [
+            f"DetrDatasetMapper(is_train={self.is_train}, img_format={self.img_format}",
+            f"  augmentation={self.augmentation}",
+        ]
+        if self.augmentation_with_crop is not None:
+            lines.append(
+                f"  with probability {self.crop_probability}: {self.augmentation_with_crop}"
+            )
+        return ",\n".join(lines) + ")"
 
-    def _choose_augmentations(self) -> list[T.Augmentation]:
+    def _choose_augmentation(self) -> list[T.Augmentation | T.Transform]:
         # The draws (here and in detectron2's augmentations) come from NumPy's global generator.
         # The training loader (rankdetr.data.samplers) seeds it per sample from the run's seed
         # and the sample's position in the data stream, so a resumed run augments alike.
-        if self.is_train and np.random.rand() < self.crop_probability:
-            return self.crop_augmentations
-        return self.augmentations
+        if self.augmentation_with_crop is not None and np.random.rand() < self.crop_probability:
+            return self.augmentation_with_crop
+        return self.augmentation
 
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = copy.deepcopy(dataset_dict)  # the loader hands out the same dicts each epoch
         image = read_image(
             dataset_dict["file_name"],
-            self.image_format,
+            self.img_format,
             f"image_id {dataset_dict.get('image_id')}",
             self.max_image_pixels,
         )
         utils.check_image_size(dataset_dict, image)
         original_height, original_width = image.shape[:2]
         augmented = T.AugInput(image)
-        transforms = T.AugmentationList(self._choose_augmentations())(augmented)
+        transforms = T.AugmentationList(self._choose_augmentation())(augmented)
         image = augmented.image
         result = {
             "image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))),
@@ -179,6 +142,21 @@ class DetrDatasetMapper:
                 dataset_dict["annotations"], transforms, image.shape[:2]
             )
         return result
+
+
+def _checked_augmentations(augmentations, name: str) -> list[T.Augmentation | T.Transform]:
+    """The list as given, refused with the offending position named unless every element is a
+    detectron2 Augmentation or Transform (a config that forgot `L(...)` gives dicts here)."""
+    if isinstance(augmentations, (str, bytes)) or not isinstance(augmentations, Sequence):
+        raise TypeError(f"{name} must be a list of detectron2 augmentations, got "
+                        f"{type(augmentations).__name__}")  # fmt: skip
+    for index, augmentation in enumerate(augmentations):
+        if not isinstance(augmentation, (T.Augmentation, T.Transform)):
+            raise TypeError(
+                f"{name}[{index}] is a {type(augmentation).__name__}, not a detectron2 "
+                "augmentation (write it as L(T.ResizeShortestEdge)(...) in a config)"
+            )
+    return list(augmentations)
 
 
 def _transformed_instances(annotations: list[dict], transforms, image_size: tuple[int, int]):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from detectron2.data import get_detection_dataset_dicts
+from detectron2.data import transforms as T
 from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.structures import Boxes, BoxMode, Instances
 from PIL import Image
@@ -100,7 +101,7 @@ def _record(tmp_path, image: Image.Image, annotations=()) -> dict:
 
 
 def test_mapper_reads_grayscale_and_rgba_as_three_channels(tmp_path):
-    mapper = DetrDatasetMapper(is_train=False, test_size=30, max_size=100)
+    mapper = DetrDatasetMapper([T.ResizeShortestEdge(30, max_size=100)], is_train=False)
     gray = _pixels(30, 40)[:, :, 1]
     output = mapper(_record(tmp_path, Image.fromarray(gray, mode="L")))
     assert output["image"].shape == (3, 30, 40)
@@ -111,7 +112,7 @@ def test_mapper_reads_grayscale_and_rgba_as_three_channels(tmp_path):
 
 
 def test_mapper_names_the_missing_or_unreadable_file_and_its_image_id(tmp_path):
-    mapper = DetrDatasetMapper(is_train=False, test_size=30, max_size=100)
+    mapper = DetrDatasetMapper([T.ResizeShortestEdge(30, max_size=100)], is_train=False)
     record = _record(tmp_path, Image.fromarray(_pixels(30, 40)))
     (tmp_path / "img.png").write_bytes(b"garbage")
     with pytest.raises(ImageReadError, match=r"img.png \(image_id 12\)"):
@@ -125,7 +126,7 @@ def test_mapper_refuses_a_file_whose_size_disagrees_with_the_json(tmp_path):
     record = _record(tmp_path, Image.fromarray(_pixels(30, 40)))
     record["width"] = 41
     with pytest.raises(SizeMismatchError, match="img.png"):
-        DetrDatasetMapper(is_train=False, test_size=30, max_size=100)(record)
+        DetrDatasetMapper([T.ResizeShortestEdge(30, max_size=100)], is_train=False)(record)
 
 
 # --- images without annotations ----------------------------------------------------------------
@@ -162,7 +163,7 @@ def test_training_drops_images_without_annotations_and_logs_the_count(tmp_path, 
 
 def test_mapper_gives_empty_instances_for_an_image_without_annotations(tmp_path):
     (record,) = load_coco_json_checked(*_write_coco(tmp_path, [0]))
-    mapper = DetrDatasetMapper(is_train=True, min_sizes=(30,), max_size=60, crop_probability=0.0)
+    mapper = DetrDatasetMapper([T.RandomFlip(), T.ResizeShortestEdge(30, max_size=60)])
     output = mapper(record)
     assert len(output["instances"]) == 0 and output["instances"].image_size == (30, 40)
 
@@ -179,9 +180,7 @@ def demo_sized_model(num_classes=5) -> RankDETR:
 def test_500_objects_load_map_and_train_one_step(tmp_path):
     (record,) = load_coco_json_checked(*_write_coco(tmp_path, [500]))
     assert len(record["annotations"]) == 500
-    mapper = DetrDatasetMapper(
-        is_train=True, min_sizes=(60,), max_size=100, crop_probability=0.0, random_flip="none"
-    )
+    mapper = DetrDatasetMapper([T.ResizeShortestEdge(60, max_size=100)], is_train=True)
     inputs = mapper(record)
     assert len(inputs["instances"]) == 500
     model = demo_sized_model()

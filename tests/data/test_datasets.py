@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import transforms as T
 from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances
 from PIL import Image
@@ -52,7 +53,7 @@ def test_shapes_val_evaluates_to_ap_100_with_its_ground_truth_as_predictions(tmp
     # The generated JSON and the metadata work with detectron2's COCOEvaluator end to end.
     register_shapes_dataset(tmp_path, num_images={"val": 6})
     records = DatasetCatalog.get("shapes_val")  # generates the JSON that COCOEvaluator reads
-    mapper = DetrDatasetMapper(is_train=False, test_size=128, max_size=256)
+    mapper = DetrDatasetMapper([T.ResizeShortestEdge(128, max_size=256)], is_train=False)
     evaluator = COCOEvaluator("shapes_val", use_fast_impl=False, output_dir=None)
     evaluator.reset()
     for record in records:

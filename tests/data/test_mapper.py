@@ -1,29 +1,45 @@
-"""DetrDatasetMapper: reading, augmenting and converting dataset dicts."""
+"""DetrDatasetMapper: reading, augmenting and converting dataset dicts, with detrex's arguments
+(lists of detectron2 augmentations) from the shipped configs."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from detectron2.config import LazyCall as L
-from detectron2.config import instantiate
+from detectron2.config import LazyConfig, instantiate
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from PIL import Image
 
 from rankdetr.data.datasets import load_coco_json_checked
-from rankdetr.data.mapper import (
-    DetrDatasetMapper,
-    build_detr_augmentations,
-    build_detr_crop_augmentations,
-)
+from rankdetr.data.mapper import DetrDatasetMapper
 from rankdetr.data.synthetic import generate_shapes_dataset, shapes_split_paths
+from rankdetr.engine.runner import load_config
 
-SMALL_TRAIN = {
-    "min_sizes": (64, 80, 96),
-    "max_size": 160,
-    "crop_resize_sizes": (64, 96),
-    "crop_size": (32, 64),
-}
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+DEMO_CONFIG = str(CONFIGS / "demo" / "rank_detr_r18_shapes.py")
 WHITE_BOX = (30, 10, 50, 26)  # x0, y0, x1, y1 of the white rectangle in the test image
+
+
+def eval_mapper(short_edge: int, max_size: int = 1333) -> DetrDatasetMapper:
+    """An evaluation mapper that resizes the shorter side to `short_edge`."""
+    return DetrDatasetMapper([T.ResizeShortestEdge(short_edge, max_size=max_size)], is_train=False)
+
+
+def small_train_mapper(crop_probability: float = 0.5) -> DetrDatasetMapper:
+    """The DETR recipe at 64-96 px: flip + resize, or flip + resize + crop + resize."""
+    final_resize = T.ResizeShortestEdge((64, 80, 96), max_size=160, sample_style="choice")
+    return DetrDatasetMapper(
+        augmentation=[T.RandomFlip(), final_resize],
+        augmentation_with_crop=[
+            T.RandomFlip(),
+            T.ResizeShortestEdge((64, 96), sample_style="choice"),
+            T.RandomCrop("absolute_range", (32, 64)),
+            final_resize,
+        ],
+        crop_probability=crop_probability,
+    )
 
 
 @pytest.fixture
@@ -54,7 +70,7 @@ def _bright_extent(image: torch.Tensor) -> list[float]:
 
 
 def test_eval_resizes_and_scales_the_boxes(rectangle_image):
-    mapper = DetrDatasetMapper(is_train=False, test_size=80, max_size=1000)
+    mapper = eval_mapper(80, max_size=1000)
     output = mapper(rectangle_image)
     assert output["image"].dtype == torch.uint8 and output["image"].shape == (3, 80, 120)
     assert (output["height"], output["width"], output["image_id"]) == (40, 60, 7)
@@ -67,7 +83,7 @@ def test_eval_resizes_and_scales_the_boxes(rectangle_image):
 
 
 def test_eval_max_size_caps_the_longer_side(rectangle_image):
-    output = DetrDatasetMapper(is_train=False, test_size=80, max_size=90)(rectangle_image)
+    output = eval_mapper(80, max_size=90)(rectangle_image)
     assert output["image"].shape == (3, 60, 90)
 
 
@@ -76,7 +92,7 @@ def test_train_boxes_follow_the_pixels_through_flips_resizes_and_crops(
     rectangle_image, crop_probability
 ):
     np.random.seed(0)
-    mapper = DetrDatasetMapper(is_train=True, crop_probability=crop_probability, **SMALL_TRAIN)
+    mapper = small_train_mapper(crop_probability)
     short_sides, left_halves, dropped = set(), set(), 0
     for _ in range(40):
         output = mapper(rectangle_image)
@@ -107,7 +123,7 @@ def test_grayscale_palette_and_alpha_images_become_rgb(tmp_path, mode):
     file_name = tmp_path / f"image_{mode}.png"
     image.save(file_name)
     record = {"file_name": str(file_name), "height": 10, "width": 20, "image_id": 1}
-    output = DetrDatasetMapper(is_train=False, test_size=10, max_size=100)(record)
+    output = eval_mapper(10, max_size=100)(record)
     assert output["image"].shape == (3, 10, 20)
     expected = np.asarray(image.convert("RGB")).transpose(2, 0, 1)
     assert np.array_equal(output["image"].numpy(), expected)
@@ -116,8 +132,8 @@ def test_grayscale_palette_and_alpha_images_become_rgb(tmp_path, mode):
 
 def test_images_without_annotations_give_empty_instances(rectangle_image):
     rectangle_image["annotations"] = []
-    for is_train in (True, False):
-        output = DetrDatasetMapper(is_train=is_train, **SMALL_TRAIN)(rectangle_image)
+    for mapper in (small_train_mapper(), eval_mapper(64)):
+        output = mapper(rectangle_image)
         instances = output["instances"]
         assert len(instances) == 0
         assert instances.gt_boxes.tensor.shape == (0, 4) and instances.gt_classes.shape == (0,)
@@ -125,22 +141,24 @@ def test_images_without_annotations_give_empty_instances(rectangle_image):
 
 def test_crowd_annotations_are_dropped(rectangle_image):
     rectangle_image["annotations"][0]["iscrowd"] = 1
-    output = DetrDatasetMapper(is_train=False, test_size=40)(rectangle_image)
+    output = eval_mapper(40)(rectangle_image)
     assert len(output["instances"]) == 0
 
 
 def test_size_mismatch_with_the_dataset_dict_is_an_error(rectangle_image):
     rectangle_image["width"] = 61
     with pytest.raises(Exception, match="Mismatched image shape"):
-        DetrDatasetMapper(is_train=False)(rectangle_image)
+        eval_mapper(800)(rectangle_image)
 
 
-def test_detr_recipe_defaults():
-    assert [type(a) for a in build_detr_augmentations()] == [T.RandomFlip, T.ResizeShortestEdge]
-    resize = build_detr_augmentations()[1]
+def test_coco_config_holds_the_detr_recipe_as_detrex_writes_it():
+    dataloader = LazyConfig.load(str(CONFIGS / "common" / "data" / "coco_detr.py")).dataloader
+    train = instantiate(dataloader.train.mapper)
+    assert [type(a) for a in train.augmentation] == [T.RandomFlip, T.ResizeShortestEdge]
+    resize = train.augmentation[1]
     assert tuple(resize.short_edge_length) == tuple(range(480, 801, 32))
     assert resize.max_size == 1333 and not resize.is_range
-    crop_list = build_detr_crop_augmentations()
+    crop_list = train.augmentation_with_crop
     assert [type(a) for a in crop_list] == [
         T.RandomFlip,
         T.ResizeShortestEdge,
@@ -148,35 +166,80 @@ def test_detr_recipe_defaults():
         T.ResizeShortestEdge,
     ]
     assert tuple(crop_list[1].short_edge_length) == (400, 500, 600)
-    assert crop_list[2].crop_type == "absolute_range" and tuple(crop_list[2].crop_size) == (
-        384,
-        600,
-    )
-    test_resize = DetrDatasetMapper(is_train=False).augmentations[0]
+    assert crop_list[2].crop_type == "absolute_range"
+    assert tuple(crop_list[2].crop_size) == (384, 600)
+    assert train.crop_probability == 0.5 and train.img_format == "RGB"
+    test = instantiate(dataloader.test.mapper)
+    (test_resize,) = test.augmentation
     assert tuple(test_resize.short_edge_length) == (800, 800) and test_resize.max_size == 1333
+    assert test.augmentation_with_crop is None
 
 
-def test_mapper_is_built_from_a_lazy_config():
-    config = L(DetrDatasetMapper)(is_train=True, random_flip="none", **SMALL_TRAIN)
+def test_demo_config_mapper_sets_the_final_resize_of_both_lists(tmp_path):
+    """The demo's train mapper, instantiated from the config and an override of one list
+    element, maps a shapes image to the demo's sizes with a crop probability of 0.3."""
+    cfg = load_config(
+        DEMO_CONFIG, ["dataloader.train.mapper.augmentation_with_crop.2.crop_size=[90,100]"]
+    )
+    mapper = instantiate(cfg.dataloader.train.mapper)
+    assert "DetrDatasetMapper(is_train=True" in repr(mapper) and mapper.crop_probability == 0.3
+    assert tuple(mapper.augmentation_with_crop[2].crop_size) == (90, 100)
+    for final_resize in (mapper.augmentation[-1], mapper.augmentation_with_crop[-1]):
+        assert tuple(final_resize.short_edge_length) == (128, 144, 160)
+        assert final_resize.max_size == 224
+    json_file = generate_shapes_dataset(tmp_path, "train", 2, seed=3)
+    record, _ = load_coco_json_checked(json_file, shapes_split_paths(tmp_path, "train")[1])
+    np.random.seed(1)
+    short_sides = {min(mapper(record)["image"].shape[1:]) for _ in range(30)}
+    assert short_sides == {128, 144, 160}
+
+
+def test_mapper_is_built_from_a_lazy_config_with_lazy_augmentations():
+    config = L(DetrDatasetMapper)(
+        augmentation=[L(T.ResizeShortestEdge)(short_edge_length=(64,), sample_style="choice")],
+        augmentation_with_crop=None,
+        is_train=True,
+        img_format="BGR",
+    )
     mapper = instantiate(config)
-    assert isinstance(mapper, DetrDatasetMapper) and mapper.is_train
-    assert [type(a) for a in mapper.augmentations] == [T.ResizeShortestEdge]
-    assert "DetrDatasetMapper(is_train=True" in repr(mapper)
+    assert isinstance(mapper, DetrDatasetMapper) and mapper.img_format == "BGR"
+    assert [type(a) for a in mapper.augmentation] == [T.ResizeShortestEdge]
+
+
+def test_bgr_format_reverses_the_channels(tmp_path):
+    file_name = tmp_path / "orange.png"
+    Image.new("RGB", (20, 10), (200, 100, 50)).save(file_name)
+    record = {"file_name": str(file_name), "height": 10, "width": 20, "image_id": 1}
+    mapper = DetrDatasetMapper([T.ResizeShortestEdge(10)], is_train=False, img_format="BGR")
+    assert mapper(record)["image"][:, 0, 0].tolist() == [50, 100, 200]
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [{"image_format": "YUV"}, {"crop_probability": 1.5}, {"random_flip": "diagonal"}],
+    "kwargs, message",
+    [
+        ({"img_format": "YUV"}, "img_format must be 'RGB' or 'BGR'"),
+        ({"crop_probability": 1.5}, "crop_probability must be in"),
+        ({"mask_on": True}, "boxes only"),
+        ({"is_train": False, "augmentation_with_crop": [T.RandomFlip()]}, "training only"),
+    ],
 )
-def test_invalid_arguments_are_refused(kwargs):
-    with pytest.raises(ValueError):
-        DetrDatasetMapper(is_train=True, **kwargs)
+def test_invalid_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DetrDatasetMapper(**{"augmentation": [T.RandomFlip()], **kwargs})
+
+
+def test_an_augmentation_that_is_not_one_is_named():
+    not_instantiated = {"_target_": "T.RandomFlip"}  # a config dict, not an augmentation
+    with pytest.raises(TypeError, match=r"augmentation_with_crop\[1\] is a dict"):
+        DetrDatasetMapper([T.RandomFlip()], [T.RandomFlip(), not_instantiated])
+    with pytest.raises(TypeError, match="must be a list of detectron2 augmentations"):
+        DetrDatasetMapper(T.RandomFlip())
 
 
 def test_maps_the_generated_shapes_dataset(tmp_path):
     json_file = generate_shapes_dataset(tmp_path, "val", 4, seed=2)
     dicts = load_coco_json_checked(json_file, shapes_split_paths(tmp_path, "val")[1])
-    mapper = DetrDatasetMapper(is_train=False, test_size=128, max_size=256)
+    mapper = eval_mapper(128, max_size=256)
     for record in dicts:
         output = mapper(record)
         assert min(output["image"].shape[1:]) == 128

@@ -55,13 +55,13 @@ class NoisyOracle(torch.nn.Module):
 @pytest.mark.slow
 def test_do_test_matches_pycocotools_on_the_dumped_predictions(tmp_path):
     register_shapes_dataset(root=tmp_path / "shapes", num_images={"train": 4, "val": 24})
-    cfg = load_config(DEMO, [f"dataloader.evaluator.output_dir={tmp_path / 'eval'}",
-                             "dataloader.test.num_workers=0"])  # fmt: skip
+    # The evaluator writes into <train.output_dir>/inference, as detectron2's trainer does.
+    cfg = load_config(DEMO, [f"train.output_dir={tmp_path}", "dataloader.test.num_workers=0"])
     results = do_test(cfg, NoisyOracle().eval())["bbox"]
     assert 10 < results["AP"] < 95
 
     gt = COCO(MetadataCatalog.get("shapes_val").json_file)
-    predictions = json.loads((tmp_path / "eval" / "coco_instances_results.json").read_text())
+    predictions = json.loads((tmp_path / "inference" / "coco_instances_results.json").read_text())
     evaluation = COCOeval(gt, gt.loadRes(predictions), "bbox")
     evaluation.evaluate()
     evaluation.accumulate()

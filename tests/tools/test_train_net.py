@@ -96,8 +96,8 @@ def test_two_processes_end_with_the_weights_of_one_process_with_the_same_total_b
         "train.checkpointer.period=100",
         "dataloader.train.total_batch_size=2",
         "dataloader.train.num_workers=0",
-        "dataloader.train.mapper.min_sizes=[96]",
-        "dataloader.train.mapper.max_size=96",
+        "dataloader.train.mapper.augmentation.1.short_edge_length=[96]",
+        "dataloader.train.mapper.augmentation.1.max_size=96",
         "dataloader.train.mapper.crop_probability=0.0",
         "model.backbone.norm=FrozenBN",
     ]
