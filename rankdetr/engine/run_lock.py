@@ -1,17 +1,17 @@
 """One training run per output folder.
 
 Two runs writing checkpoints into one `train.output_dir` would overwrite each other's files.
-:func:`run_lock` holds an exclusive `flock` on `<output_dir>/.run.lock` for the whole run; the
-file also records who holds it (pid, host, start time), for the message a second run gets. The
-operating system releases the lock when the holding process ends, however it ends, so the lock of
-a killed run never blocks: the file may stay, but it is no longer locked.
+:func:`run_lock` holds `<output_dir>/.run.lock` with the `filelock` library (an operating-system
+lock, `flock` on Linux) for the whole run. The operating system releases the lock when the holding
+process ends, however it ends, so the lock of a killed run never blocks: the file may stay, but it
+is no longer locked. Who holds it (pid, host, start time) is written beside it, to
+`.run.lock.owner`, for the message a second run gets (some filelock versions empty the lock file
+itself when they open it).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import socket
@@ -19,11 +19,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from rankdetr.errors import UserError
 
 __all__ = ["OutputDirInUseError", "run_lock", "process_is_alive"]
 
 LOCK_NAME = ".run.lock"
+OWNER_NAME = ".run.lock.owner"
 
 
 class OutputDirInUseError(RuntimeError, UserError):
@@ -48,29 +51,29 @@ def run_lock(output_dir: str | Path) -> Iterator[Path]:
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
-    with open(path, "a+") as handle:  # closing it releases the flock
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            handle.seek(0)
-            holder = _describe_holder(handle.read())
-            raise OutputDirInUseError(
-                f"output folder {folder} is in use by another run ({holder}); wait for it to "
-                "end, or choose another train.output_dir"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.ctime()}
-        handle.write(json.dumps(info))
-        handle.flush()
-        yield path
-
-
-def _describe_holder(text: str) -> str:
+    owner = folder / OWNER_NAME
+    # A fresh FileLock object per call: filelock counts re-acquisitions of one object, and a
+    # second run in the same process must be refused like one in another process.
+    lock = FileLock(path, timeout=0)
     try:
-        info = json.loads(text)
+        lock.acquire()
+    except Timeout:
+        raise OutputDirInUseError(
+            f"output folder {folder} is in use by another run ({_describe_owner(owner)}); wait "
+            "for it to end, or choose another train.output_dir"
+        ) from None
+    try:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.ctime()}
+        owner.write_text(json.dumps(info))
+        yield path
+    finally:
+        owner.unlink(missing_ok=True)
+        lock.release()
+
+
+def _describe_owner(owner: Path) -> str:
+    try:
+        info = json.loads(owner.read_text())
         return f"pid {info['pid']} on {info['host']}, started {info['started']}"
-    except (ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
         return "a process that left no details"

@@ -11,7 +11,7 @@ import pytest
 
 from rankdetr.data import register_shapes_dataset
 from rankdetr.engine.checkpoint import TEMP_MARKER, SafeCheckpointer
-from rankdetr.engine.run_lock import OutputDirInUseError, run_lock
+from rankdetr.engine.run_lock import OWNER_NAME, OutputDirInUseError, run_lock
 from rankdetr.engine.runner import do_train, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,6 +50,27 @@ def test_a_killed_run_does_not_block(tmp_path):
         process.wait()
     with run_lock(tmp_path):  # the killed holder's lock went with it
         pass
+
+
+def test_the_refusal_names_the_live_holder_not_a_killed_one(tmp_path):
+    """A killed run leaves its owner file; the next holder's details replace them, and a run that
+    ends normally leaves no owner file."""
+    killed = hold_in_another_process(tmp_path)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert (tmp_path / OWNER_NAME).is_file()
+    live = hold_in_another_process(tmp_path)
+    try:
+        busy = pytest.raises(OutputDirInUseError, match=f"pid {live.pid} on ")
+        with busy as refused, run_lock(tmp_path):
+            pass
+        assert f"pid {killed.pid} " not in str(refused.value)
+    finally:
+        live.kill()
+        live.wait()
+    with run_lock(tmp_path):
+        pass
+    assert not (tmp_path / OWNER_NAME).exists()
 
 
 def test_do_train_refuses_a_busy_output_folder(tmp_path, isolated_catalogs):
