@@ -72,13 +72,20 @@ def _interleaved_sin_cos(
 
 
 def sine_embedding_of_boxes(
-    boxes: torch.Tensor, num_pos_feats: int = 128, temperature: float = 10000.0
+    boxes: torch.Tensor,
+    num_pos_feats: int = 128,
+    temperature: float = 10000.0,
+    exchange_xy: bool = False,
 ) -> torch.Tensor:
     """(..., 4) normalised (cx, cy, w, h) -> (..., 4 * F): each coordinate * 2 pi, sine-embedded.
 
-    This is the two-stage proposal embedding of Deformable DETR (its input to `pos_trans`).
+    This is the two-stage proposal embedding of Deformable DETR (its input to `pos_trans`), in
+    the order (cx, cy, w, h). DINO's query positions embed the same way in the order
+    (cy, cx, w, h) (`exchange_xy`), as its released weights expect.
     Half-precision boxes are embedded in float32, float64 boxes in float64.
     """
     scaled = lift_to_float32(boxes) * (2 * math.pi)
     parts = [_interleaved_sin_cos(scaled[..., i], num_pos_feats, temperature) for i in range(4)]
+    if exchange_xy:
+        parts[0], parts[1] = parts[1], parts[0]
     return torch.cat(parts, dim=-1)

@@ -48,6 +48,7 @@ class SetCriterion(nn.Module):
         quality_power: float = 1.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        encoder_class_agnostic: bool = True,
     ):
         """
         Args:
@@ -60,6 +61,8 @@ class SetCriterion(nn.Module):
             quality_target: GCL / varifocal target t: "giou" ((GIoU + 1) / 2) or "iou" (IoU),
                 raised to `quality_power` (Table 5a).
             focal_alpha, focal_gamma: of the focal and GCL losses.
+            encoder_class_agnostic: the encoder proposals are scored for objectness (every
+                target counts as class 0; H-DETR) or per class (DINO).
         """
         super().__init__()
         if classification_loss not in CLASSIFICATION_LOSSES:
@@ -75,6 +78,7 @@ class SetCriterion(nn.Module):
         self.quality_power = quality_power
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.encoder_class_agnostic = encoder_class_agnostic
 
     def set_training_progress(self, progress: float) -> None:
         """Forwarded to the matcher (the HMC switch)."""
@@ -104,12 +108,13 @@ class SetCriterion(nn.Module):
         num_boxes = _average_box_count(targets, outputs["logits"][-1].device)
         losses = self._decoder_losses(outputs, targets, num_boxes, prefix="")
         if "enc_logits" in outputs:
-            # Proposals are class-agnostic: every target counts as class 0 (objectness).
-            objectness = [
-                {"labels": torch.zeros_like(t["labels"]), "boxes": t["boxes"]} for t in targets
-            ]
+            enc_targets = targets
+            if self.encoder_class_agnostic:  # every target counts as class 0 (objectness)
+                enc_targets = [
+                    {"labels": torch.zeros_like(t["labels"]), "boxes": t["boxes"]} for t in targets
+                ]
             enc = self._output_losses(
-                outputs["enc_logits"], outputs["enc_boxes"], objectness, num_boxes, "focal"
+                outputs["enc_logits"], outputs["enc_boxes"], enc_targets, num_boxes, "focal"
             )
             losses.update({f"{name}_enc": value for name, value in enc.items()})
         if outputs_one2many is not None:
@@ -118,6 +123,48 @@ class SetCriterion(nn.Module):
                 outputs_one2many, repeated, num_boxes * one2many_repeats, prefix="o2m_"
             )
             losses.update({k: v * self.weight_one2many for k, v in one2many.items()})
+        return losses
+
+    def denoising_losses(
+        self,
+        outputs: dict | None,
+        targets: list[dict],
+        matches: list[tuple[torch.Tensor, torch.Tensor]],
+        num_groups: int,
+        num_layers: int,
+    ) -> dict[str, torch.Tensor]:
+        """DINO's denoising losses: each positive copy reconstructs its own target (no matching).
+
+        Args:
+            outputs: the denoising queries' "logits" and "boxes" (lists over decoder layers of
+                (N, P, K) and (N, P, 4)), or None when the batch had no denoising queries.
+            targets: as :meth:`forward`.
+            matches: per image (query slots, target indices) of the positive copies.
+            num_groups: G; the losses are normalised by G times the box count.
+            num_layers: decoder layers, for the names of the zero losses without outputs.
+
+        Returns:
+            "loss_class_dn", "loss_bbox_dn", "loss_giou_dn" for the last layer and with suffix
+            "_{i}" for auxiliary layer i; zeros (DINO's convention, so that every iteration logs
+            the same terms) when `outputs` is None. Negative copies and padding slots count as
+            background in the classification loss, with the classification loss of the decoder
+            outputs (GCL when it is on: a positive's target is its localisation quality).
+        """
+        if outputs is None:
+            device = targets[0]["boxes"].device if targets else None
+            zero = torch.zeros((), device=device)
+            names = ("loss_class", "loss_bbox", "loss_giou")
+            suffixes = [f"_{i}" for i in range(num_layers - 1)] + [""]
+            return {f"{name}_dn{suffix}": zero for suffix in suffixes for name in names}
+        num_boxes = _average_box_count(targets, outputs["logits"][-1].device) * num_groups
+        losses = {}
+        last = len(outputs["logits"]) - 1
+        for layer, (logits, boxes) in enumerate(zip(outputs["logits"], outputs["boxes"])):
+            suffix = "" if layer == last else f"_{layer}"
+            layer_losses = self._matched_losses(
+                logits, boxes, targets, matches, num_boxes, self.classification_loss
+            )
+            losses.update({f"{name}_dn{suffix}": v for name, v in layer_losses.items()})
         return losses
 
     def _decoder_losses(
@@ -143,6 +190,19 @@ class SetCriterion(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Losses of one set of predictions, logits (N, Q, K) and boxes (N, Q, 4)."""
         matches = self.matcher(logits.detach(), boxes.detach(), targets)
+        return self._matched_losses(logits, boxes, targets, matches, num_boxes, loss_kind)
+
+    def _matched_losses(
+        self,
+        logits: torch.Tensor,
+        boxes: torch.Tensor,
+        targets: list[dict],
+        matches: list[tuple[torch.Tensor, torch.Tensor]],
+        num_boxes: float,
+        loss_kind: str,
+    ) -> dict[str, torch.Tensor]:
+        """Losses of logits (N, Q, K) and boxes (N, Q, 4) under the given per-image matches
+        (query indices, target indices); unmatched queries are background."""
         batch_index = torch.cat([torch.full_like(q, n) for n, (q, _) in enumerate(matches)])
         query_index = torch.cat([q for q, _ in matches])
         batch_index, query_index = batch_index.to(logits.device), query_index.to(logits.device)

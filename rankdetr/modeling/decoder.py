@@ -26,7 +26,7 @@ from rankdetr.modeling.checkpointing import run_layer
 from rankdetr.modeling.decoder_layer import DeformableDecoderLayer
 from rankdetr.modeling.init import init_like_release_transformer
 
-__all__ = ["RankDecoder", "sort_within_groups"]
+__all__ = ["RankDecoder", "gather_queries", "sort_within_groups"]
 
 
 def sort_within_groups(scores: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
@@ -47,7 +47,7 @@ def sort_within_groups(scores: torch.Tensor, group_sizes: list[int]) -> torch.Te
     return torch.cat(orders, dim=1)
 
 
-def _gather_queries(tensor: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+def gather_queries(tensor: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """tensor (N, Q, ...) reordered along Q by order (N, Q)."""
     index = order.view(*order.shape, *([1] * (tensor.dim() - 2))).expand_as(tensor)
     return tensor.gather(1, index)
@@ -193,7 +193,7 @@ class RankDecoder(nn.Module):
             if ranking_scores is not None and self.sorts_queries:
                 ranking = sort_within_groups(ranking_scores, group_sizes)
                 query, query_pos, boxes, previous_boxes, order = (
-                    _gather_queries(t, ranking)
+                    gather_queries(t, ranking)
                     for t in (query, query_pos, boxes, previous_boxes, order)
                 )
                 query = self._fuse_rank_content(query, layer_index, group_sizes)

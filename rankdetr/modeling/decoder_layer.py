@@ -44,7 +44,17 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, batch_first=True)
 
-    def forward(self, query: torch.Tensor, value: torch.Tensor, group_sizes: list[int]):
+    def forward(
+        self,
+        query: torch.Tensor,
+        value: torch.Tensor,
+        group_sizes: list[int],
+        attn_mask: torch.Tensor | None = None,
+    ):
+        """query (N, Q, C) with positions, value (N, Q, C) -> (N, Q, C). `attn_mask` (Q, Q) bool,
+        True where a query may not attend (DINO's denoising groups), replaces `group_sizes`."""
+        if attn_mask is not None:
+            return self.attn(query, query, value, attn_mask=attn_mask, need_weights=False)[0]
         return grouped_self_attention(self.attn, query, value, group_sizes)
 
 
@@ -82,6 +92,7 @@ class DeformableDecoderLayer(nn.Module):
         level_start_index: torch.Tensor,
         memory_padding_mask: torch.Tensor | None,
         group_sizes: list[int],
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -92,11 +103,13 @@ class DeformableDecoderLayer(nn.Module):
             spatial_shapes: (L, 2) int64; level_start_index: (L,) int64.
             memory_padding_mask: (N, S) bool or None.
             group_sizes: query groups that must not attend to each other (sum Q).
+            attn_mask: (Q, Q) bool, True where query i may not attend to query j; when given,
+                it decides instead of `group_sizes` (DINO's denoising groups).
 
         Returns:
             (N, Q, C).
         """
-        attended = self.self_attn(query + query_pos, query, group_sizes)
+        attended = self.self_attn(query + query_pos, query, group_sizes, attn_mask)
         query = self.norm1(query + self.dropout(attended))
         attended = self.cross_attn(
             query + query_pos,

@@ -17,7 +17,7 @@ from rankdetr.layers.mlp import MLP
 from rankdetr.layers.position_encoding import sine_embedding_of_boxes
 from rankdetr.modeling.init import init_like_release_transformer
 
-__all__ = ["TwoStageProposals", "grid_proposals"]
+__all__ = ["TwoStageProposals", "grid_proposals", "top_proposal_indices"]
 
 
 def grid_proposals(
@@ -107,7 +107,7 @@ class TwoStageProposals(nn.Module):
         enc_logits = self.class_head(features)
         enc_box_logits = self.box_head(features) + proposals
         scores = enc_logits[..., 0].masked_fill(~valid, float("-inf"))
-        index = _top_indices(scores, num_queries)
+        index = top_proposal_indices(scores, num_queries)
         top_box_logits = enc_box_logits.gather(1, index[..., None].expand(-1, -1, 4)).detach()
         reference_boxes = top_box_logits.sigmoid()
         embedded = sine_embedding_of_boxes(reference_boxes, num_pos_feats=self.embed_dim // 2)
@@ -120,7 +120,7 @@ class TwoStageProposals(nn.Module):
         }
 
 
-def _top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+def top_proposal_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """(N, S) -> (N, k) indices of the k best scores, best first.
 
     Images with fewer than k positions (tiny inputs) repeat their ranking cyclically, so the

@@ -1,0 +1,105 @@
+"""Converts detrex DINO checkpoints (`projects/dino`) to the names of our
+:class:`rankdetr.modeling.dino.DINO`.
+
+detrex stores the per-layer heads twice (`class_embed.<i>` and
+`transformer.decoder.class_embed.<i>`, one shared module); they are checked to be equal and kept
+once. Head `<depth>` scores the
+two-stage proposals. Every tensor is mapped, or the error names those that are not.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from rankdetr.checkpoint.release import _RULES as _TRANSFORMER_LAYER_RULES
+from rankdetr.checkpoint.release import _convert_swin_backbone, release_decoder_depth
+
+__all__ = ["convert_dino_state_dict", "is_dino_checkpoint"]
+
+_RULES = [
+    (r"^transformer\.decoder\.ref_point_head\.", "decoder.ref_point_head."),
+    (r"^transformer\.decoder\.norm\.", "decoder.norm."),
+    (r"^transformer\.tgt_embed\.", "query_embedding."),
+    (r"^label_enc\.", "label_embedding."),
+    *_TRANSFORMER_LAYER_RULES,
+]
+_HEAD = re.compile(r"^transformer\.decoder\.(class_embed|bbox_embed)\.(\d+)\.(.*)$")
+_DUPLICATE_HEAD = re.compile(r"^(class_embed|bbox_embed)\.(\d+)\.(.*)$")
+_RELEASE_ONLY = ("transformer.pos_trans.", "query_embedding.", "rank_adaptive_classhead_emb.")
+
+
+def is_dino_checkpoint(state_dict: dict) -> bool:
+    """Whether a detrex-layout state dict is DINO's (it has the positional-query MLP and the
+    denoising label embeddings) rather than the H-DETR-based Rank-DETR release's."""
+    return "label_enc.weight" in state_dict and any(
+        name.startswith("transformer.decoder.ref_point_head.") for name in state_dict
+    )
+
+
+def convert_dino_state_dict(state_dict: dict, num_decoder_layers: int | None = None) -> dict:
+    """detrex DINO names -> rankdetr names.
+
+    Args:
+        state_dict: a detrex DINO checkpoint's "model" entry (or a dict of its gradients).
+        num_decoder_layers: None reads the decoder depth from the tensor names; a number is
+            checked against it.
+
+    Returns:
+        A new state dict for :class:`rankdetr.modeling.dino.DINO`.
+
+    Raises:
+        KeyError: tensors that cannot be mapped (all named), e.g. a Rank-DETR release checkpoint
+            given here.
+        ValueError: the depth cannot be read or disagrees, or the duplicated heads differ.
+    """
+    depth = release_decoder_depth(state_dict)
+    if num_decoder_layers is not None and num_decoder_layers != depth:
+        raise ValueError(
+            f"the checkpoint has {depth} decoder layers, but num_decoder_layers="
+            f"{num_decoder_layers} was asked for"
+        )
+    converted, unknown = _convert_swin_backbone(state_dict), []
+    swin = bool(converted)
+    for name, tensor in state_dict.items():
+        if swin and name.startswith("backbone."):
+            continue  # converted above
+        duplicate = _DUPLICATE_HEAD.match(name)
+        if duplicate:
+            original = f"transformer.decoder.{name}"
+            if original in state_dict:
+                if not torch.equal(state_dict[original], tensor):
+                    raise ValueError(f"{name} differs from {original}: they should be one module")
+                continue
+            name = original
+        new_name = None if name.startswith(_RELEASE_ONLY) else _rename(name, depth)
+        if new_name is None:
+            unknown.append(name)
+        else:
+            converted[new_name] = tensor
+    if unknown:
+        shown = ", ".join(repr(n) for n in unknown[:10])
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        hint = (
+            " (this looks like a Rank-DETR release checkpoint: use convert_release_state_dict)"
+            if any(n.startswith(_RELEASE_ONLY) for n in unknown)
+            else ""
+        )
+        raise KeyError(f"unknown tensors in the DINO checkpoint: {shown}{more}{hint}")
+    return converted
+
+
+def _rename(name: str, depth: int) -> str | None:
+    head = _HEAD.match(name)
+    if head:
+        kind, index, rest = head.group(1), int(head.group(2)), head.group(3)
+        ours = {"class_embed": "class_head", "bbox_embed": "box_head"}[kind]
+        if index == depth:
+            return f"proposals.{ours}.{rest}"
+        return f"decoder.{ours}s.{index}.{rest}"
+    for pattern, replacement in _RULES:
+        new, count = re.subn(pattern, replacement, name)
+        if count:
+            return new
+    return None
