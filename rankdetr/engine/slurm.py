@@ -291,6 +291,7 @@ def training_job(script: str | Path, config_file: str, overrides: list[str],
     flags = ["--config-file", str(Path(config_file).resolve()),
              "--num-gpus", str(options.processes_per_node)]  # fmt: skip
     flags += ["--resume"] * resume + ["--eval-only"] * eval_only
+    overrides = [item for item in overrides if not item.startswith("train.output_dir=")]
     return TrainingJob(script, flags, [*overrides, f"train.output_dir={output_dir}"], output_dir)
 
 
