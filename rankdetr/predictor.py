@@ -27,11 +27,12 @@ from detectron2.data import transforms as T
 from omegaconf import DictConfig, OmegaConf
 
 import rankdetr.data  # noqa: F401  (registers the bundled datasets that configs name)
-from rankdetr.checkpoint.backbone_weights import CheckpointError, read_weights_file
+from rankdetr.checkpoint.backbone_weights import CheckpointError
 from rankdetr.data.datasets import DatasetFormatError, UnknownDatasetError, class_names_of
 from rankdetr.data.image_io import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError, read_image
+from rankdetr.engine.checkpoint import load_for_evaluation
 from rankdetr.engine.config_checks import ConfigError, apply_checked_overrides
-from rankdetr.engine.runner import build_model, load_config
+from rankdetr.engine.runner import build_model, load_config, use_ema_weights
 
 __all__ = [
     "CheckpointError",
@@ -97,8 +98,10 @@ def as_rgb_image(
     return np.ascontiguousarray(image[:, :, :3])
 
 
-def load_checkpoint(model: torch.nn.Module, checkpoint: str | Path) -> None:
-    """Load a rankdetr checkpoint ({"model": state_dict} or a bare state dict) strictly.
+def load_checkpoint(model: torch.nn.Module, checkpoint: str | Path, use_ema: bool = True) -> bool:
+    """Load a rankdetr checkpoint ({"model": state_dict, ...} or a bare state dict) strictly,
+    with its EMA weights when it holds them and `use_ema` (as the evaluation does, see
+    :func:`rankdetr.engine.checkpoint.load_for_evaluation`). Returns whether they were used.
 
     Read with `weights_only=True` (no code in the file runs). Raises FileNotFoundError for a
     missing file and CheckpointError naming the file when it is unreadable or does not fit.
@@ -106,34 +109,16 @@ def load_checkpoint(model: torch.nn.Module, checkpoint: str | Path) -> None:
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = read_weights_file(path)
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # shape mismatches
-        raise CheckpointError(f"checkpoint {path} does not fit the model: {error}") from error
-    problems = []
-    if result.missing_keys:
-        problems.append(f"missing {_first(result.missing_keys)}")
-    if result.unexpected_keys:
-        problems.append(f"unexpected {_first(result.unexpected_keys)}")
-    if problems:
-        raise CheckpointError(
-            f"checkpoint {path} does not fit the model built from the config (wrong config?): "
-            + "; ".join(problems)
-        )
-
-
-def _first(keys: list[str], count: int = 5) -> str:
-    more = f" and {len(keys) - count} more" if len(keys) > count else ""
-    return ", ".join(keys[:count]) + more
+    return load_for_evaluation(model, str(path), use_ema)
 
 
 class Predictor:
     """A detector built from a LazyConfig and a checkpoint, applied to images.
 
     `predictor(image)` -> :class:`Prediction`; `predictor.predict_batch(images)` -> a list.
-    Images are (H, W, 3) uint8 RGB numpy arrays (grayscale and RGBA arrays are converted) or
-    image file paths.
+    Images are (H, W, 3) uint8 numpy arrays in `input_format` channel order (grayscale and
+    RGBA / BGRA arrays are converted) or image file paths. The checkpoint's EMA weights are used
+    when it holds them (train.model_ema.use_ema_weights_for_eval_only, an override, switches).
     """
 
     def __init__(
@@ -143,6 +128,7 @@ class Predictor:
         device: str = "cpu",
         score_threshold: float = 0.0,
         overrides: Sequence[str] = (),
+        input_format: str = "RGB",
     ):
         """
         Args:
@@ -153,14 +139,20 @@ class Predictor:
             device: "cpu", "cuda", "cuda:1" or "auto" (cuda when available).
             score_threshold: detections scoring below it are dropped.
             overrides: "key=value" config overrides, checked against the config's keys.
+            input_format: "RGB" or "BGR", the channel order of the arrays given to the
+                predictor (as detectron2's DefaultPredictor; e.g. "BGR" for OpenCV's images).
+                Files are read in the right order whatever it is.
         """
+        if input_format not in ("RGB", "BGR"):
+            raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
+        self.input_format = input_format
         self.cfg = _load(config_file_or_cfg, list(overrides))
         self.device = _resolve_device(device)
         self.score_threshold = float(score_threshold)
         self.augmentations, self.image_format, self.max_image_pixels = _test_transform(self.cfg)
         self.thing_classes = _class_names(self.cfg)
         self.model = self._build_model()
-        load_checkpoint(self.model, checkpoint)
+        self.uses_ema_weights = load_checkpoint(self.model, checkpoint, use_ema_weights(self.cfg))
         self.model.eval()
 
     def _build_model(self) -> torch.nn.Module:
@@ -185,13 +177,19 @@ class Predictor:
         """Detect objects in several images, `batch_size` at a time (padded to a common size)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        rgb_images = [as_rgb_image(image, self.max_image_pixels) for image in images]
+        rgb_images = [self._as_rgb(image) for image in images]
         predictions = []
         for start in range(0, len(rgb_images), batch_size):
             inputs = [self.model_input(image) for image in rgb_images[start : start + batch_size]]
             outputs = self.model(inputs)
             predictions += [self._to_prediction(output["instances"]) for output in outputs]
         return predictions
+
+    def _as_rgb(self, image: np.ndarray | str | Path) -> np.ndarray:
+        rgb = as_rgb_image(image, self.max_image_pixels)
+        if isinstance(image, np.ndarray) and self.input_format == "BGR":
+            rgb = np.ascontiguousarray(rgb[:, :, ::-1])
+        return rgb
 
     def model_input(self, image: np.ndarray) -> dict:
         """(H, W, 3) uint8 RGB -> the model's input dict: resized (3, H', W') uint8 image in the

@@ -14,8 +14,8 @@ line naming the problem (exit status 1); RANKDETR_TRACEBACK=1 shows the whole tr
 
 from detectron2.engine import default_argument_parser, default_setup, launch
 
-from rankdetr.engine.checkpoint import SafeCheckpointer
-from rankdetr.engine.runner import build_model, do_test, do_train, load_config
+from rankdetr.engine.checkpoint import load_for_evaluation
+from rankdetr.engine.runner import build_model, do_test, do_train, load_config, use_ema_weights
 from rankdetr.errors import report_user_errors
 
 
@@ -24,7 +24,8 @@ def main(args) -> None:
     default_setup(cfg, args)
     if args.eval_only:
         model = build_model(cfg)
-        SafeCheckpointer(model).load(cfg.train.init_checkpoint, strict=True)
+        # The checkpoint's EMA weights when it holds them (train.model_ema switch), as detrex.
+        load_for_evaluation(model, cfg.train.init_checkpoint, use_ema_weights(cfg))
         model.eval()
         do_test(cfg, model)
         return

@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 import rankdetr.data  # noqa: F401  (registers shapes_train / shapes_val)
 from rankdetr.analysis.collect import collect_layer_outputs
 from rankdetr.data.datasets import num_classes_of, register_coco_format
-from rankdetr.engine.checkpoint import CheckpointError, SafeCheckpointer
-from rankdetr.engine.runner import load_config, resolve_device
+from rankdetr.engine.checkpoint import CheckpointError, load_for_evaluation
+from rankdetr.engine.runner import load_config, resolve_device, use_ema_weights
 from rankdetr.errors import UserError, report_user_errors
 
 __all__ = [
@@ -155,11 +155,12 @@ def dataset_from_args(args, first_cfg: DictConfig, first_config_file: str) -> st
     return name
 
 
-def _load_checkpoint(model: torch.nn.Module, name: str, checkpoint: str) -> None:
-    """Load the checkpoint's "model" weights strictly, with the project's safe reader (no code
-    in the file runs); a checkpoint that does not fit the config is refused, naming tensors."""
+def _load_checkpoint(model: torch.nn.Module, name: str, checkpoint: str, use_ema: bool) -> None:
+    """Load the checkpoint's weights strictly, with the project's safe reader (no code in the
+    file runs), its EMA weights when it holds them and `use_ema`; a checkpoint that does not fit
+    the config is refused, naming tensors."""
     try:
-        SafeCheckpointer(model).load(checkpoint, strict=True)
+        load_for_evaluation(model, checkpoint, use_ema)
     except CheckpointError as error:
         raise AnalysisError(f"model {name!r}: {error}") from error
 
@@ -197,7 +198,7 @@ def load_models(args) -> tuple[list[LoadedModel], str]:
     for cfg, (name, _, checkpoint) in zip(configs, args.model):
         device_name = args.device or OmegaConf.select(cfg, "train.device", default="auto")
         model = _build_model(cfg, dataset_name, resolve_device(device_name))
-        _load_checkpoint(model, name, checkpoint)
+        _load_checkpoint(model, name, checkpoint, use_ema_weights(cfg))
         loaded.append(LoadedModel(name, cfg, model.eval()))
     return loaded, dataset_name
 

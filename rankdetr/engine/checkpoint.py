@@ -45,7 +45,9 @@ __all__ = [
     "CheckpointError",
     "SafeCheckpointer",
     "atomic_torch_save",
+    "ema_weights_in",
     "is_complete_checkpoint",
+    "load_for_evaluation",
     "local_weights_file",
     "to_weights_only",
 ]
@@ -367,6 +369,39 @@ class SafeCheckpointer(DetectionCheckpointer):
         if isinstance(loaded["model"], dict) and is_swin_classification_checkpoint(loaded["model"]):
             loaded["model"] = _swin_imagenet_weights_for_the_backbone(filename, loaded["model"])
         return loaded
+
+
+def ema_weights_in(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The moving average of the weights that a loaded checkpoint holds: rankdetr's
+    (`trainer.hooks.EMAHook.shadow`) or detrex's (`ema_state`); None when it holds none."""
+    trainer = checkpoint.get("trainer")
+    hooks = trainer.get("hooks", {}) if isinstance(trainer, dict) else {}
+    shadow = hooks.get("EMAHook", {}).get("shadow") or checkpoint.get("ema_state")
+    if not isinstance(shadow, dict) or not shadow:
+        return None
+    return {re.sub(r"^module\.", "", name): value for name, value in shadow.items()}
+
+
+def load_for_evaluation(model: torch.nn.Module, path: str, use_ema: bool = True) -> bool:
+    """Load `path` strictly into `model` to evaluate it; with `use_ema` (the config's
+    train.model_ema.use_ema_weights_for_eval_only) and an EMA average in the file, the average
+    replaces the weights, as detrex evaluates. Returns whether the EMA weights were loaded."""
+    rest = SafeCheckpointer(model).load(path, strict=True)
+    average = ema_weights_in(rest) if use_ema else None
+    if average is None:
+        return False
+    expected = model.state_dict()
+    misfits = [k for k, v in average.items()
+               if k not in expected or tuple(np.shape(v)) != tuple(expected[k].shape)]  # fmt: skip
+    if misfits:
+        raise CheckpointError(
+            f"the EMA weights in {path} do not fit the model ({len(misfits)} tensors, e.g. "
+            f"{misfits[:3]}); train.model_ema.use_ema_weights_for_eval_only=False loads the rest"
+        )
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in average.items()}, strict=False)
+    logger.info("Evaluating the EMA weights of %s (train.model_ema."
+                "use_ema_weights_for_eval_only=False for the trained ones)", path)  # fmt: skip
+    return True
 
 
 def local_weights_file(path: str) -> str:

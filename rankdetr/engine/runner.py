@@ -42,6 +42,7 @@ __all__ = [
     "ConfigError",
     "apply_fast_dev_run",
     "load_config",
+    "use_ema_weights",
     "build_model",
     "do_test",
     "do_train",
@@ -83,6 +84,13 @@ def apply_fast_dev_run(cfg: DictConfig) -> DictConfig:
     if OmegaConf.select(cfg, "train.fast_dev_run.enabled", default=False):
         cfg.train.max_iter, cfg.train.eval_period, cfg.train.log_period = 20, 10, 1
     return cfg
+
+
+def use_ema_weights(cfg: DictConfig) -> bool:
+    """Whether evaluation takes a checkpoint's EMA weights when it holds them
+    (train.model_ema.use_ema_weights_for_eval_only; yes for a config without the key)."""
+    key = "train.model_ema.use_ema_weights_for_eval_only"
+    return bool(OmegaConf.select(cfg, key, default=True))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -228,7 +236,7 @@ def _train(cfg: DictConfig, resume: bool) -> dict:
     ema = EMAHook(model, ema_cfg.decay, ema_cfg.device) if ema_cfg.enabled else None
 
     def evaluate():
-        if ema is not None and ema_cfg.use_ema_weights_for_eval_only:
+        if ema is not None and use_ema_weights(cfg):
             logger.info(
                 "Evaluating the EMA weights (train.model_ema.use_ema_weights_for_eval_only)"
             )
