@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from tabulate import tabulate
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "rank_detr" / "rank_detr_r50_12ep.py"
 
@@ -74,12 +76,15 @@ def main() -> None:
         rows[variant] = json.loads(output.split("RESULT ", 1)[1])
     plain = rows["plain"]
     print(f"\nR50 training step, batch {args.batch} of {height}x{width}, CPU (one process each)\n")
-    print("| activation checkpointing | peak RSS (GB) | step (s) | RSS vs plain | time vs plain |")
-    print("|---|---|---|---|---|")
-    for variant, row in rows.items():
-        print(f"| {'on' if variant == 'checkpointing' else 'off'} | {row['peak_rss_gb']:.2f} "
-              f"| {row['seconds']:.1f} | {row['peak_rss_gb'] / plain['peak_rss_gb']:.2f}x "
-              f"| {row['seconds'] / plain['seconds']:.2f}x |")  # fmt: skip
+    headers = ("activation checkpointing", "peak RSS (GB)", "step (s)", "RSS vs plain",
+               "time vs plain")  # fmt: skip
+    cells = [
+        ("on" if variant == "checkpointing" else "off", f"{row['peak_rss_gb']:.2f}",
+         f"{row['seconds']:.1f}", f"{row['peak_rss_gb'] / plain['peak_rss_gb']:.2f}x",
+         f"{row['seconds'] / plain['seconds']:.2f}x")
+        for variant, row in rows.items()
+    ]  # fmt: skip
+    print(tabulate(cells, headers, tablefmt="github", disable_numparse=True))
 
 
 if __name__ == "__main__":

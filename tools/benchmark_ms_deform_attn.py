@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tabulate import tabulate
 from tqdm import tqdm
 
 from rankdetr._ext import extension_available, extension_has_cuda
@@ -176,11 +177,19 @@ def main() -> None:
         + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else "")
     )
     print()
-    print(
-        "| device | dtype | size | fwd ours (ms) | fwd ref (ms) | fwd speed-up "
-        "| fwd+bwd ours (ms) | fwd+bwd ref (ms) | fwd+bwd speed-up | ours bwd/fwd |"
+    headers = (
+        "device",
+        "dtype",
+        "size",
+        "fwd ours (ms)",
+        "fwd ref (ms)",
+        "fwd speed-up",
+        "fwd+bwd ours (ms)",
+        "fwd+bwd ref (ms)",
+        "fwd+bwd speed-up",
+        "ours bwd/fwd",
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    cells = []
     for device, dtype_name, size in configs:
         r = {
             key[3:]: value
@@ -189,11 +198,12 @@ def main() -> None:
         }
         fwd, ref_fwd = r["ours", "fwd"], r["reference", "fwd"]
         both, ref_both = r["ours", "fwd+bwd"], r["reference", "fwd+bwd"]
-        print(
-            f"| {device} | {dtype_name} | {size} | {fwd * 1e3:.2f} | {ref_fwd * 1e3:.2f} "
-            f"| {ref_fwd / fwd:.1f}x | {both * 1e3:.2f} | {ref_both * 1e3:.2f} "
-            f"| {ref_both / both:.1f}x | {(both - fwd) / fwd:.2f} |"
-        )
+        cells.append(
+            (device, dtype_name, size, f"{fwd * 1e3:.2f}", f"{ref_fwd * 1e3:.2f}",
+             f"{ref_fwd / fwd:.1f}x", f"{both * 1e3:.2f}", f"{ref_both * 1e3:.2f}",
+             f"{ref_both / both:.1f}x", f"{(both - fwd) / fwd:.2f}")
+        )  # fmt: skip
+    print(_markdown_table(cells, headers, left_columns=3))
     if args.amp:
         print_autocast_table(args, devices, sizes)
 
@@ -240,8 +250,9 @@ def autocast_choice_rows(device: str, size: str, half: torch.dtype, repeats: int
 def print_autocast_table(args, devices, sizes) -> None:
     half = DTYPES[args.amp]
     print(f"\nPrecision under autocast ({args.amp}), forward, error against float32:\n")
-    print("| device | size | variant | fwd (ms) | max abs error | relative to max |output| |")
-    print("|---|---|---|---:|---:|---:|")
+    headers = ("device", "size", "variant", "fwd (ms)", "max abs error",
+               "relative to max |output|")  # fmt: skip
+    cells = []
     for device in devices:
         if device == "cpu" and half == torch.float16:
             continue  # CPU autocast is bf16
@@ -249,10 +260,15 @@ def print_autocast_table(args, devices, sizes) -> None:
             for name, seconds, error, relative in autocast_choice_rows(
                 device, size, half, args.repeats, args.warmup
             ):
-                print(
-                    f"| {device} | {size} | {name} | {seconds * 1e3:.2f} | {error:.2e} "
-                    f"| {relative:.2e} |"
-                )
+                cells.append((device, size, name, f"{seconds * 1e3:.2f}", f"{error:.2e}",
+                              f"{relative:.2e}"))  # fmt: skip
+    print(_markdown_table(cells, headers, left_columns=3))
+
+
+def _markdown_table(cells: list, headers: tuple, left_columns: int) -> str:
+    """Text columns left, measured numbers right (already formatted as strings)."""
+    align = ["left"] * left_columns + ["right"] * (len(headers) - left_columns)
+    return tabulate(cells, headers, tablefmt="github", colalign=align, disable_numparse=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from functools import partial
 
 import torch
 from detectron2.structures import Boxes, Instances
+from tabulate import tabulate
 from tqdm import tqdm
 
 import rankdetr.layers.multi_scale_deform_attn as msda_module
@@ -136,13 +137,16 @@ def main() -> None:
     print(
         f"\nR50 two-stage, 300+1500 queries, batch 2 (320x320, 288x320), CPU, {args.threads} thr."
     )
-    print("| variant | train step (s) | inference (s) | train vs baseline | infer vs baseline |")
-    print("|---|---|---|---|---|")
     baseline = [row for row in rows if row[0].startswith("pure-PyTorch")] or rows[:1]
     base_train, base_infer = baseline[0][1], baseline[0][2]
-    for name, train_s, infer_s in rows:
-        print(f"| {name} | {train_s:.2f} | {infer_s:.2f} | {base_train / train_s:.2f}x "
-              f"| {base_infer / infer_s:.2f}x |")  # fmt: skip
+    headers = ("variant", "train step (s)", "inference (s)", "train vs baseline",
+               "infer vs baseline")  # fmt: skip
+    cells = [
+        (name, f"{train_s:.2f}", f"{infer_s:.2f}", f"{base_train / train_s:.2f}x",
+         f"{base_infer / infer_s:.2f}x")
+        for name, train_s, infer_s in rows
+    ]  # fmt: skip
+    print(tabulate(cells, headers, tablefmt="github", disable_numparse=True))
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tabulate import tabulate
 
 from rankdetr.selftest import Row, run_all
 
@@ -45,10 +46,9 @@ def ddp_rows(quick: bool) -> list[Row]:
 
 
 def print_table(rows: list[Row]) -> None:
-    print("| section | check | status | detail |")
-    print("|---|---|---|---|")
-    for row in rows:
-        print(f"| {row.section} | {row.check} | {row.status} | {row.detail} |")
+    cells = [(row.section, row.check, row.status, row.detail) for row in rows]
+    headers = ("section", "check", "status", "detail")
+    print(tabulate(cells, headers, tablefmt="github", disable_numparse=True))
 
 
 def main(argv: list[str] | None = None) -> int:

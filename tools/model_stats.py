@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
+from tabulate import tabulate
 from torch import nn
 
 # The per-query tables of RankDETR: rows [num_queries:] serve only the one-to-many queries.
@@ -165,15 +166,15 @@ def build(args) -> nn.Module:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = "| model | input | params (M) | all params (M) | GFLOPs | FPS | device |"
-    lines = [header, "|---|---|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(
-            f"| {row['model']} | {row['input']} | {row['params'] / 1e6:.2f} "
-            f"| {row['all_params'] / 1e6:.2f} | {row['flops'] / 1e9:.2f} "
-            f"| {row['fps']:.2f} | {row['device']} |"
-        )
-    return "\n".join(lines)
+    """A markdown table of the measured rows (what the README's tables hold)."""
+    headers = ["model", "input", "params (M)", "all params (M)", "GFLOPs", "FPS", "device"]
+    cells = [
+        [row["model"], row["input"], f"{row['params'] / 1e6:.2f}",
+         f"{row['all_params'] / 1e6:.2f}", f"{row['flops'] / 1e9:.2f}", f"{row['fps']:.2f}",
+         row["device"]]
+        for row in rows
+    ]  # fmt: skip
+    return tabulate(cells, headers, tablefmt="github", disable_numparse=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
