@@ -14,6 +14,8 @@ its own process-group set-up instead. The task process is submitit's, so it owns
   run ends with the weights of an uninterrupted one; the iterations since that checkpoint are
   computed again. The spawned workers leave these signals to the task.
 - A job that Slurm requeues by itself (SLURM_RESTART_COUNT > 0) resumes too.
+- When the task trains in its own process (one node, one GPU), the DataLoader workers it forks
+  inherit submitit's handlers; these act only in the task process.
 
 Logs, the sbatch script and submitit's pickles go to `<train.output_dir>/slurm/`.
 """
@@ -119,7 +121,7 @@ class SlurmOptions:
         if self.cluster == "local" and self.nodes != 1:
             raise SlurmOptionError(f"--cluster local runs on this machine: --nodes must be 1, "
                                    f"got {self.nodes}")  # fmt: skip
-        if self.cluster == "slurm" and shutil.which("sbatch") is None:
+        if self.cluster == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
             raise SlurmOptionError("--cluster slurm needs Slurm's sbatch and srun on PATH, and "
                                    "this machine has none (run on a login node, or use "
                                    "--cluster local to try the job here)")  # fmt: skip
@@ -204,7 +206,7 @@ def _ignore_preemption_signals() -> None:
     """Slurm signals every process of the job; in a spawned worker the preemption signal and
     SIGTERM are ignored, as submitit's own task process ignores SIGTERM: task 0 checkpoints and
     requeues the job, and the workers end with it."""
-    signal.signal(getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG), signal.SIG_IGN)
+    signal.signal(_preemption_signal(), signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
@@ -215,9 +217,32 @@ def _run_main(main, args: argparse.Namespace) -> None:
     main(args)
 
 
+def _confine_signal_handlers_to_this_process() -> None:
+    """Make submitit's handlers (preemption signal, SIGTERM) act in this process only. A process
+    forked from it (a DataLoader worker when the task trains in-process) inherits the Python
+    handlers, and would otherwise checkpoint and requeue the job from inside the worker."""
+    task_pid = os.getpid()
+    for signum in (_preemption_signal(), signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            signal.signal(signum, _only_in(task_pid, handler))
+
+
+def _only_in(pid: int, handler):
+    def handle(signum, frame):
+        if os.getpid() == pid:
+            handler(signum, frame)
+
+    return handle
+
+
+def _preemption_signal() -> signal.Signals:
+    return getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
+
+
 def _stop_workers() -> None:
-    """Kill this process's spawned workers (they ignore SIGTERM), so that the task can exit to
-    be requeued; their checkpoints are written atomically, so a kill leaves the last one whole."""
+    """Kill the workers launch spawned (they ignore SIGTERM), so that the task can exit to be
+    requeued; their checkpoints are written atomically, so a kill leaves the last one whole."""
     for child in multiprocessing.active_children():
         child.kill()
 
@@ -250,6 +275,7 @@ class TrainingJob(Checkpointable):
         self.flags = list(flags)
         self.overrides = list(overrides)
         self.output_dir = str(output_dir)
+        self._spawns_workers = False  # set in the job: whether launch spawned worker processes
 
     def __call__(self) -> dict:
         placement = placement_from_job_environment(submitit.JobEnvironment())
@@ -258,6 +284,9 @@ class TrainingJob(Checkpointable):
             flags.append("--resume")
         train_net = import_script(self.script)
         args = train_net.parse_args([*flags, *self.overrides])  # overrides come last
+        # world size 1 trains in this process; otherwise launch spawns the workers
+        self._spawns_workers = args.num_gpus * args.num_machines > 1
+        _confine_signal_handlers_to_this_process()
         launch(_run_main, args.num_gpus, num_machines=args.num_machines,
                machine_rank=args.machine_rank, dist_url=args.dist_url,
                args=(train_net.main, args))  # fmt: skip
@@ -271,7 +300,8 @@ class TrainingJob(Checkpointable):
     def checkpoint(self) -> DelayedSubmission:
         """Called by submitit in task 0 on preemption or at the time limit: the job to requeue.
         The trainer's periodic checkpoints are the state; nothing is saved here."""
-        _stop_workers()
+        if self._spawns_workers:  # not the DataLoader workers of an in-process run
+            _stop_workers()
         return DelayedSubmission(self.resumed())
 
 

@@ -5,6 +5,7 @@ that keeps a sweep from submitting a run twice."""
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -157,3 +158,30 @@ def test_a_sweep_leaves_running_jobs_alone_and_resubmits_failed_ones(tmp_path, m
     out = capsys.readouterr().out
     assert f"none: job {os.getpid()} is still queued or running, not resubmitted" in out
     assert "would submit: rch gcl hmc\n" in out
+
+
+def test_submitits_signal_handlers_act_in_the_task_process_only(tmp_path):
+    """A DataLoader worker forked from a task that trains in-process inherits the Python handler
+    for the preemption signal; it must not checkpoint and requeue from there."""
+    calls = tmp_path / "calls"
+
+    def handler(signum, frame):
+        with open(calls, "a") as file:
+            file.write(f"{os.getpid()}\n")
+
+    previous = {
+        signum: signal.signal(signum, handler) for signum in (signal.SIGUSR2, signal.SIGTERM)
+    }
+    try:
+        slurm._confine_signal_handlers_to_this_process()
+        child = os.fork()
+        if child == 0:  # a forked worker
+            os.kill(os.getpid(), signal.SIGUSR2)
+            os.kill(os.getpid(), signal.SIGTERM)
+            os._exit(0)
+        assert os.waitpid(child, 0)[1] == 0
+        os.kill(os.getpid(), signal.SIGUSR2)
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+    assert calls.read_text().split() == [str(os.getpid())]
