@@ -18,23 +18,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from detectron2.utils.colormap import colormap
+from detectron2.utils.visualizer import Visualizer
+from PIL import Image
 from tqdm import tqdm
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-# Distinct colours for the classes, reused cyclically.
-PALETTE = [
-    (230, 25, 75),
-    (60, 180, 75),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (0, 128, 128),
-    (170, 110, 40),
-]
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -63,25 +52,25 @@ def output_names(paths: list[Path]) -> list[str]:
     return names
 
 
+def class_colour(label: int) -> np.ndarray:
+    """RGB in [0, 1] of a class: detectron2's colour map, reused cyclically."""
+    colours = colormap(rgb=True, maximum=1)
+    return colours[int(label) % len(colours)]
+
+
 def draw_prediction(image: np.ndarray, prediction) -> Image.Image:
-    """(H, W, 3) uint8 RGB image with each detection's box and "name score" label drawn."""
-    canvas = Image.fromarray(image)
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    width = max(1, round(min(image.shape[:2]) / 200))  # thicker lines on large images
-    for box, score, label, name in zip(
-        prediction.boxes, prediction.scores, prediction.classes, prediction.class_names
-    ):
-        colour = PALETTE[int(label) % len(PALETTE)]
-        x0, y0, x1, y1 = (float(v) for v in box)
-        draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
-        text = f"{name} {score:.2f}"
-        left, top, right, bottom = draw.textbbox((x0, y0), text, font=font)
-        # The label sits above the box, or inside it when the box touches the top edge.
-        shift = bottom - top + 2 if y0 - (bottom - top) - 2 >= 0 else 0
-        draw.rectangle([left, top - shift, right + 2, bottom - shift], fill=colour)
-        draw.text((x0 + 1, y0 - shift), text, fill=(255, 255, 255), font=font)
-    return canvas
+    """(H, W, 3) uint8 RGB image with each detection's box and "name score" label drawn by
+    detectron2's Visualizer, one colour per class."""
+    labels = [
+        f"{name} {score:.2f}" for name, score in zip(prediction.class_names, prediction.scores)
+    ]
+    visualizer = Visualizer(image, scale=1.0)
+    drawn = visualizer.overlay_instances(
+        boxes=np.asarray(prediction.boxes, dtype=np.float64).reshape(-1, 4),
+        labels=labels,
+        assigned_colors=[class_colour(label) for label in prediction.classes],
+    )
+    return Image.fromarray(drawn.get_image())
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -85,11 +85,20 @@ def test_boxes_are_drawn_where_the_prediction_says(demo):
         image_size=(100, 120),
     )
     drawn = np.asarray(demo.draw_prediction(image, prediction))
-    colour = demo.PALETTE[2]
+    assert drawn.shape == image.shape
+    colour = demo.class_colour(2)
     for x, y in [(10, 65), (60, 65), (35, 90)]:  # left, right and bottom edges
-        assert tuple(drawn[y, x]) == colour
-    assert not drawn[50:85, 15:55].any()  # inside the box: untouched
-    assert (drawn[25:40, 10:60] == colour).all(axis=2).any()  # the label's background above it
+        pixel = drawn[y, x].astype(np.float64)
+        cosine = pixel @ colour / (np.linalg.norm(pixel) * np.linalg.norm(colour))
+        assert cosine > 0.99, (x, y, pixel)  # the class's colour (blended with the image)
+    assert not drawn[60:85, 20:50].any()  # inside the box, below the label: untouched
+    assert not drawn[55:, 70:].any() and not drawn[:35].any()  # away from box and label
+    assert drawn[42:52, 14:58].any()  # the label, inside the box's top
+
+
+def test_classes_get_distinct_colours(demo):
+    colours = [tuple(demo.class_colour(label)) for label in range(5)]
+    assert len(set(colours)) == 5
 
 
 def test_an_image_above_the_pixel_limit_is_skipped_and_named(tmp_path):
