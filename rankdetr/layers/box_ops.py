@@ -12,6 +12,7 @@ GIoU-aware targets and high-order costs equal the release's.
 from __future__ import annotations
 
 import torch
+from torchvision.ops import box_convert
 
 __all__ = [
     "box_cxcywh_to_xyxy",
@@ -36,15 +37,14 @@ def _area_ratio(numerator: torch.Tensor, denominator: torch.Tensor, eps: float) 
 
 
 def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    """(..., 4) (cx, cy, w, h) -> (..., 4) (x0, y0, x1, y1)."""
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+    """(..., 4) (cx, cy, w, h) -> (..., 4) (x0, y0, x1, y1), by torchvision (the release's
+    arithmetic, cx -/+ 0.5 * w, so bit for bit its values)."""
+    return box_convert(boxes, in_fmt="cxcywh", out_fmt="xyxy")
 
 
 def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
-    """(..., 4) (x0, y0, x1, y1) -> (..., 4) (cx, cy, w, h)."""
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+    """(..., 4) (x0, y0, x1, y1) -> (..., 4) (cx, cy, w, h), by torchvision."""
+    return box_convert(boxes, in_fmt="xyxy", out_fmt="cxcywh")
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
