@@ -13,8 +13,10 @@ import logging
 import pickle
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -25,7 +27,7 @@ from rankdetr.checkpoint.swin import (
 )
 from rankdetr.errors import UserError
 
-__all__ = ["load_backbone_weights", "read_weights_file", "CheckpointError"]
+__all__ = ["load_backbone_weights", "read_checkpoint_file", "read_weights_file", "CheckpointError"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,27 +59,44 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def read_checkpoint_file(path: str | Path) -> Any:
+    """What a checkpoint file holds, read without running code from it: `.pkl` (detectron2,
+    Caffe2) through an unpickler that only rebuilds containers and NumPy arrays, `.safetensors`
+    by safetensors, anything else by `torch.load(weights_only=True)`. The one reader of
+    checkpoint files: the checkpointer, the tools and the backbone loader all call it.
+
+    Raises:
+        CheckpointError naming the file when it is missing, truncated, corrupt, or asks to
+        rebuild objects other than tensors, arrays and containers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        if path.suffix == ".pkl":
+            with open(path, "rb") as handle:
+                return _ArraysOnlyUnpickler(io.BytesIO(handle.read()), encoding="latin1").load()
+        if path.suffix == ".safetensors":
+            return safetensors.torch.load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001  (any failure to parse means a bad file)
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: {type(error).__name__}: {first_line} (files are "
+            "read without running code from them: one that is truncated, corrupt, or holds "
+            "objects other than tensors, arrays and containers is refused)"
+        ) from error
+
+
 def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict (name -> tensor) from .pkl (detectron2), .safetensors or a torch file.
+    """Read a state dict (name -> tensor) from .pkl (detectron2), .safetensors or a torch file
+    (:func:`read_checkpoint_file`).
 
     Unwraps {"model": ...} and {"state_dict": ...}. Raises CheckpointError naming the file when
     it is missing, truncated, corrupt, or holds something other than tensors.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
-    try:
-        if path.suffix == ".pkl":
-            with open(path, "rb") as f:
-                data = _ArraysOnlyUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
-        elif path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            data = load_file(str(path))
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001  (any failure to parse means a bad file)
-        raise CheckpointError(f"cannot read weights file {path}: {error}") from error
+    data = read_checkpoint_file(path)
     for key in ("model", "state_dict"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]

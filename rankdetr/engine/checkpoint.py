@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
@@ -34,8 +33,8 @@ from detectron2.utils.file_io import PathManager
 
 from rankdetr.checkpoint.backbone_weights import (
     CheckpointError,
-    _ArraysOnlyUnpickler,
     load_backbone_weights,
+    read_checkpoint_file,
     read_weights_file,
 )
 from rankdetr.checkpoint.swin import convert_swin_state_dict, is_swin_classification_checkpoint
@@ -349,20 +348,14 @@ class SafeCheckpointer(DetectionCheckpointer):
             )
 
     def _load_file(self, filename: str) -> dict[str, Any]:
-        """Read a checkpoint without running code from it; errors name the file."""
+        """Read a checkpoint without running code from it (:func:`read_checkpoint_file`);
+        errors name the file."""
         suffix = Path(filename).suffix
         if suffix == ".pkl":
-            return _read_detectron2_pickle(filename)
+            return _detectron2_pickle_checkpoint(filename)
         if suffix == ".safetensors":
             return {"model": read_weights_file(filename)}
-        try:
-            loaded = torch.load(filename, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001  (any failure to parse means a bad file)
-            raise CheckpointError(
-                f"cannot load checkpoint {filename}: {_short(error)} (checkpoints are loaded "
-                "with weights_only=True: a file that is truncated, corrupt, or holds objects "
-                "other than tensors and containers is refused)"
-            ) from error
+        loaded = read_checkpoint_file(filename)
         if not isinstance(loaded, dict):
             raise CheckpointError(f"{filename} holds a {type(loaded).__name__}, not a dict")
         loaded = loaded if "model" in loaded else {"model": loaded}
@@ -457,14 +450,9 @@ def _short(error: Exception) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
-def _read_detectron2_pickle(filename: str) -> dict[str, Any]:
-    """A detectron2 model-zoo or Caffe2 .pkl, as DetectionCheckpointer reads it, but through an
-    unpickler that only rebuilds containers and NumPy arrays."""
-    try:
-        with open(filename, "rb") as handle:
-            data = _ArraysOnlyUnpickler(io.BytesIO(handle.read()), encoding="latin1").load()
-    except Exception as error:  # noqa: BLE001
-        raise CheckpointError(f"cannot read detectron2 weights file {filename}: {error}") from error
+def _detectron2_pickle_checkpoint(filename: str) -> dict[str, Any]:
+    """A detectron2 model-zoo or Caffe2 .pkl, in the form DetectionCheckpointer gives it."""
+    data = read_checkpoint_file(filename)
     if not isinstance(data, dict):
         raise CheckpointError(f"{filename} holds a {type(data).__name__}, not a dict")
     if "model" in data and "__author__" in data:

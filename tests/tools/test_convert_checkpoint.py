@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from tests.checkpoint.test_release import fake_release_state_dict, r50_two_stage
+from tests.conftest import load_tool
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "convert_checkpoint.py"
 
@@ -54,3 +55,21 @@ def test_a_three_layer_checkpoint_converts_without_being_told_its_depth(tmp_path
     result = subprocess.run(command + ["--num-decoder-layers", "6"], capture_output=True, text=True)
     assert result.returncode == 1 and "has 3 decoder layers" in result.stderr
     assert not (tmp_path / "o.pth").exists()
+
+
+def test_a_failed_save_names_the_file_and_keeps_the_previous_output(tmp_path, monkeypatch, capsys):
+    """The output is written with the checkpointer's atomic save: a full disk leaves the earlier
+    file as it was and no temporary file behind."""
+    torch.save({"model": fake_release_state_dict()}, tmp_path / "release.pth")
+    (tmp_path / "ours.pth").write_bytes(b"earlier output")
+    tool = load_tool(TOOL, "convert_checkpoint")
+
+    def disk_full(data, handle):
+        handle.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    assert tool.main([str(tmp_path / "release.pth"), str(tmp_path / "ours.pth")]) == 1
+    assert "ours.pth: No space left on device" in capsys.readouterr().err
+    assert (tmp_path / "ours.pth").read_bytes() == b"earlier output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.pth", "release.pth"]
