@@ -6,10 +6,13 @@ one-to-many queries, all four rank components on. Rows: rankdetr as built (compi
 MSDeformAttn), and the same model with the pure-PyTorch MSDeformAttn as the in-process baseline.
 `--profile` adds the top operators of one training step (torch.profiler). `--amp bf16` adds
 rankdetr under CPU bf16 autocast, with how far its losses and detection scores are from float32
-on the same batch and weights.
+on the same batch and weights. `--dino` adds DINO R50 (900 queries, contrastive denoising with
+dn_number 100) and Rank-DINO (all four components) rows on the same batch, beside the H-DETR-based
+model.
 
     .venv/bin/python tools/benchmark_train_step.py --repeats 3 --profile
     .venv/bin/python tools/benchmark_train_step.py --amp bf16 --skip-baseline
+    .venv/bin/python tools/benchmark_train_step.py --dino --skip-baseline
 """
 
 from __future__ import annotations
@@ -28,15 +31,18 @@ from tqdm import tqdm
 import rankdetr.layers.multi_scale_deform_attn as msda_module
 from rankdetr.layers.ms_deform_attn_op import ms_deform_attn_reference
 from rankdetr.modeling.backbone import ResNetBackbone
+from rankdetr.modeling.dino import DINO
 from rankdetr.modeling.neck import ChannelMapper
 from rankdetr.modeling.rank_detr import RankDETR
+from rankdetr.modeling.rank_options import RankOptions
 
 
-def build_model() -> RankDETR:
+def build_model(kind: type = RankDETR, **kwargs) -> RankDETR | DINO:
+    """R50 with 80 classes: Rank-DETR (H-DETR base, 300 + 1500 queries) or DINO (900 queries)."""
     torch.manual_seed(0)
     backbone = ResNetBackbone(depth=50)
     neck = ChannelMapper(in_channels=backbone.out_channels, out_channels=256, num_extra_levels=1)
-    return RankDETR(backbone=backbone, neck=neck, num_classes=80)
+    return kind(backbone=backbone, neck=neck, num_classes=80, **kwargs)
 
 
 def fixed_batch() -> list[dict]:
@@ -94,6 +100,7 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="add a row with torch.compile'd transformer layers"
     )
+    parser.add_argument("--dino", action="store_true", help="add DINO and Rank-DINO R50 rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -105,11 +112,11 @@ def main() -> None:
     if amp is not None:
         print_autocast_differences(model, batch, amp)
 
-    def train(amp=None):
+    def train(amp=None, model=model, optimizer=optimizer):
         model.train()
         train_step(model, optimizer, batch, amp)
 
-    def infer(amp=None):
+    def infer(amp=None, model=model):
         model.eval()
         with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=bool(amp)):
             model(batch)
@@ -133,9 +140,21 @@ def main() -> None:
             train_s = time_it(partial(train, variant_amp), args.repeats, f"{name} train")
             infer_s = time_it(partial(infer, variant_amp), args.repeats, f"{name} infer")
         rows.append((name, train_s, infer_s))
+    if args.dino:
+        for name, rank in (("DINO R50, 900 queries + denoising", None),
+                           ("Rank-DINO R50 (RCH, QRL, GCL, HMC)", RankOptions())):  # fmt: skip
+            dino = build_model(DINO, rank=rank)
+            dino_optimizer = torch.optim.AdamW(
+                [p for p in dino.parameters() if p.requires_grad], lr=1e-4
+            )
+            train_fn = partial(train, None, model=dino, optimizer=dino_optimizer)
+            train_s = time_it(train_fn, args.repeats, f"{name} train")
+            infer_s = time_it(partial(infer, None, model=dino), args.repeats, f"{name} infer")
+            rows.append((name, train_s, infer_s))
 
     print(
-        f"\nR50 two-stage, 300+1500 queries, batch 2 (320x320, 288x320), CPU, {args.threads} thr."
+        f"\nR50 two-stage, 300+1500 queries (DINO: 900 + denoising), batch 2 (320x320, 288x320), "
+        f"CPU, {args.threads} threads."
     )
     baseline = [row for row in rows if row[0].startswith("pure-PyTorch")] or rows[:1]
     base_train, base_infer = baseline[0][1], baseline[0][2]
