@@ -3,10 +3,8 @@ COCO-format data) with validating loaders, and the DETR dataset mapper."""
 
 from rankdetr.data.datasets import (
     DatasetFormatError,
-    check_coco_2017,
     load_coco_json_checked,
     num_classes_of,
-    register_coco_2017,
     register_coco_format,
     register_shapes_dataset,
 )
@@ -17,11 +15,9 @@ __all__ = [
     "SHAPES_CATEGORIES",
     "DatasetFormatError",
     "DetrDatasetMapper",
-    "check_coco_2017",
     "generate_shapes_dataset",
     "load_coco_json_checked",
     "num_classes_of",
-    "register_coco_2017",
     "register_coco_format",
     "register_shapes_dataset",
 ]

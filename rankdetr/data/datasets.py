@@ -2,11 +2,8 @@
 
 * "shapes_train" / "shapes_val": the bundled synthetic dataset (:mod:`rankdetr.data.synthetic`),
   generated on first load.
-* "coco_2017_train" / "coco_2017_val": detectron2 registers these names when it is imported
-  (builtin datasets, from `$DETECTRON2_DATASETS`, default "datasets", read at that moment).
-  :func:`register_coco_2017` keeps detectron2's names and metadata and only makes them load
-  through :func:`load_coco_json_checked`, so that missing files are reported with the path and
-  the variable to set; :func:`check_coco_2017` checks the files without loading.
+* "coco_2017_train" / "coco_2017_val": detectron2's own builtin registration (made when it is
+  imported, from `$DETECTRON2_DATASETS`, default "datasets"); the configs use those names.
 * any COCO-format dataset: :func:`register_coco_format`.
 
 All loaders return detectron2 dataset dicts with boxes in XYXY_ABS and contiguous category ids
@@ -39,13 +36,11 @@ from rankdetr.errors import UserError
 
 __all__ = [
     "DatasetFormatError",
-    "check_coco_2017",
     "default_shapes_root",
     "load_coco_json_checked",
     "UnknownDatasetError",
     "class_names_of",
     "num_classes_of",
-    "register_coco_2017",
     "register_coco_format",
     "register_shapes_dataset",
 ]
@@ -167,84 +162,6 @@ def _replace_metadata(name: str, metadata: dict) -> None:
     if name in MetadataCatalog.list():
         MetadataCatalog.remove(name)
     MetadataCatalog.get(name).set(**metadata)
-
-
-# --- COCO 2017 --------------------------------------------------------------------------------
-
-
-def _coco_root(root: str | Path | None) -> Path:
-    return Path(root if root is not None else os.environ.get("DETECTRON2_DATASETS", "datasets"))
-
-
-def _coco_2017_paths(root: Path, split: str) -> tuple[Path, Path]:
-    coco = root / "coco"
-    return coco / "annotations" / f"instances_{split}2017.json", coco / f"{split}2017"
-
-
-def check_coco_2017(
-    root: str | Path | None = None, splits: tuple[str, ...] = ("train", "val")
-) -> Path:
-    """Raise FileNotFoundError naming the first missing COCO 2017 file or folder.
-
-    Args:
-        root: the folder that holds coco/; default `$DETECTRON2_DATASETS`, else "datasets".
-        splits: which of "train", "val" to check.
-
-    Returns:
-        The `root/coco` folder.
-    """
-    root = _coco_root(root)
-    hint = "; set DETECTRON2_DATASETS to the folder that holds coco/ (see README)"
-    for split in splits:
-        json_file, image_root = _coco_2017_paths(root, split)
-        if not json_file.is_file():
-            raise FileNotFoundError(
-                f"COCO 2017 annotations not found at {json_file.resolve()}{hint}"
-            )
-        if not image_root.is_dir():
-            raise FileNotFoundError(f"COCO 2017 images not found at {image_root.resolve()}{hint}")
-    return root / "coco"
-
-
-def register_coco_2017(root: str | Path | None = None) -> None:
-    """Make "coco_2017_train" / "coco_2017_val" load through :func:`load_coco_json_checked`.
-
-    detectron2 registered these names at import, with its COCO metadata (class names, id
-    mapping): both are kept, only the loader is replaced (and the paths, when `root` differs from
-    the folder detectron2 used). Loading then fails with a FileNotFoundError naming the missing
-    path and DETECTRON2_DATASETS, instead of pycocotools' bare error. Idempotent.
-
-    Args:
-        root: the folder that holds coco/; default `$DETECTRON2_DATASETS`, else "datasets".
-    """
-    root = _coco_root(root)
-    for split in ("train", "val"):
-        name = f"coco_2017_{split}"
-        json_file, image_root = _coco_2017_paths(root, split)
-        metadata = _coco_2017_metadata(name)
-        metadata.update(json_file=str(json_file), image_root=str(image_root), evaluator_type="coco")
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-        _replace_metadata(name, metadata)
-        DatasetCatalog.register(name, functools.partial(_load_coco_2017, root, split, name))
-        _REGISTERED[name] = ("coco_2017", str(root), split)
-
-
-def _coco_2017_metadata(name: str) -> dict:
-    """The metadata detectron2 gave `name` (class names, id mapping, colours), without paths."""
-    if name in MetadataCatalog.list() and MetadataCatalog.get(name).get("thing_classes"):
-        metadata = MetadataCatalog.get(name).as_dict()
-    else:  # a detectron2 build without its builtin registrations
-        from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
-
-        metadata = _get_builtin_metadata("coco")
-    return {k: v for k, v in metadata.items() if k not in ("name", "json_file", "image_root")}
-
-
-def _load_coco_2017(root: Path, split: str, name: str) -> list[dict]:
-    check_coco_2017(root, splits=(split,))
-    json_file, image_root = _coco_2017_paths(root, split)
-    return load_coco_json_checked(json_file, image_root, name)
 
 
 class UnknownDatasetError(KeyError, UserError):

@@ -15,11 +15,9 @@ from PIL import Image
 from rankdetr.data.datasets import (
     REPO_ROOT,
     DatasetFormatError,
-    check_coco_2017,
     default_shapes_root,
     load_coco_json_checked,
     num_classes_of,
-    register_coco_2017,
     register_coco_format,
     register_shapes_dataset,
 )
@@ -254,44 +252,9 @@ def test_coco_format_registration_replaces_its_own_names_only(tmp_path):
 
 
 def test_detectron2_registers_coco_2017_itself():
-    # Why rankdetr does not register these names anew (see rankdetr.data.datasets).
+    # The configs name detectron2's own registration (see rankdetr.data.datasets).
     assert {"coco_2017_train", "coco_2017_val"} <= set(DatasetCatalog.list())
     assert len(MetadataCatalog.get("coco_2017_val").thing_classes) == 80
-
-
-def test_missing_coco_2017_is_reported_with_path_and_variable(tmp_path, monkeypatch):
-    expected = r"COCO 2017 annotations not found at .*instances_train2017.json; set DETECTRON2"
-    with pytest.raises(FileNotFoundError, match=expected):
-        check_coco_2017(tmp_path)
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
-    register_coco_2017()
-    assert MetadataCatalog.get("coco_2017_val").json_file == str(
-        tmp_path / "coco" / "annotations" / "instances_val2017.json"
-    )
-    assert num_classes_of("coco_2017_val") == 80  # detectron2's metadata is kept
-    with pytest.raises(FileNotFoundError, match=r"instances_val2017.json; set DETECTRON2_DATASETS"):
-        DatasetCatalog.get("coco_2017_val")
-
-
-def test_coco_2017_loads_through_the_checked_loader(tmp_path):
-    coco = tmp_path / "coco"
-    (coco / "annotations").mkdir(parents=True)
-    (coco / "val2017").mkdir()
-    Image.new("RGB", (64, 48)).save(coco / "val2017" / "000000000139.jpg")
-    metadata = MetadataCatalog.get("coco_2017_val")
-    id_map = metadata.thing_dataset_id_to_contiguous_id
-    categories = [{"id": i, "name": metadata.thing_classes[j]} for i, j in id_map.items()]
-    data = {
-        "images": [{"id": 139, "file_name": "000000000139.jpg", "width": 64, "height": 48}],
-        "annotations": [{"id": 5, "image_id": 139, "category_id": 90, "bbox": [1, 1, 60, 60]}],
-        "categories": categories,
-    }
-    (coco / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
-    register_coco_2017(tmp_path)
-    assert check_coco_2017(tmp_path, splits=("val",)) == coco
-    (record,) = DatasetCatalog.get("coco_2017_val")
-    assert record["annotations"][0]["category_id"] == 79  # COCO id 90 ("toothbrush")
-    assert record["annotations"][0]["bbox"] == [1.0, 1.0, 61.0, 48.0]  # clipped to the image
 
 
 # --- more malformed files ----------------------------------------------------------------------
