@@ -14,9 +14,13 @@ import re
 import torch
 
 from rankdetr.checkpoint.release import _RULES as _TRANSFORMER_LAYER_RULES
-from rankdetr.checkpoint.release import _convert_swin_backbone, release_decoder_depth
+from rankdetr.checkpoint.release import (
+    _convert_swin_backbone,
+    describe_release_checkpoint,
+    release_decoder_depth,
+)
 
-__all__ = ["convert_dino_state_dict", "is_dino_checkpoint"]
+__all__ = ["convert_dino_state_dict", "describe_dino_checkpoint", "is_dino_checkpoint"]
 
 _RULES = [
     (r"^transformer\.decoder\.ref_point_head\.", "decoder.ref_point_head."),
@@ -36,6 +40,17 @@ def is_dino_checkpoint(state_dict: dict) -> bool:
     return "label_enc.weight" in state_dict and any(
         name.startswith("transformer.decoder.ref_point_head.") for name in state_dict
     )
+
+
+def describe_dino_checkpoint(state_dict: dict) -> dict:
+    """The sizes a matching DINO config needs, read from a detrex DINO checkpoint: backbone,
+    encoder and decoder layers, classes and queries (`model.num_queries`)."""
+    sizes = describe_release_checkpoint(state_dict)
+    queries = state_dict.get("transformer.tgt_embed.weight")
+    for release_only in ("total_queries", "rch", "qrl"):
+        sizes.pop(release_only)
+    sizes["num_queries"] = None if queries is None else int(queries.shape[0])
+    return sizes
 
 
 def convert_dino_state_dict(state_dict: dict, num_decoder_layers: int | None = None) -> dict:

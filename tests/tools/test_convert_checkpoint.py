@@ -73,3 +73,22 @@ def test_a_failed_save_names_the_file_and_keeps_the_previous_output(tmp_path, mo
     assert "ours.pth: No space left on device" in capsys.readouterr().err
     assert (tmp_path / "ours.pth").read_bytes() == b"earlier output"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.pth", "release.pth"]
+
+
+def test_a_detrex_dino_checkpoint_is_recognised_and_loads_strictly(tmp_path):
+    """The dino-tiny reference state dict (detrex's DINO names) -> our DINO, strictly."""
+    from tests.checkpoint.test_dino_fixture import build_model
+    from tests.shared_reference import load_shared_reference
+
+    fixture = load_shared_reference("dino-tiny/dino_tiny_fixture.pth")
+    torch.save({"model": fixture["state_dict"]}, tmp_path / "dino.pth")
+    result = subprocess.run(
+        [sys.executable, str(TOOL), str(tmp_path / "dino.pth"), str(tmp_path / "ours.pth")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "DINO" in result.stdout and "num_queries=12" in result.stdout
+    assert "decoder_layers=3" in result.stdout and "num_classes=5" in result.stdout
+    converted = torch.load(tmp_path / "ours.pth", weights_only=True)["model"]
+    build_model(fixture["config"]).load_state_dict(converted, strict=True)
