@@ -3,6 +3,7 @@
 import shutil
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,14 @@ def test_code_style(command):
     assert (
         result.returncode == 0
     ), f"`make format` fixes most of this:\n{result.stdout}{result.stderr}"
+
+
+def test_the_formatters_are_pinned_and_installed_at_their_pins():
+    """CI installs the dev extras (tools/setup_env.sh: `pip install -e ".[dev]"`); the style
+    checks above must run with exactly the versions that formatted the code."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = dict(spec.split("==") for spec in extras["optional-dependencies"]["dev"] if "==" in spec)
+    assert sorted(pins) == ["black", "isort", "ruff"]
+    assert {name: version(name) for name in pins} == pins
+    assert '-e ".[dev]"' in (ROOT / "tools" / "setup_env.sh").read_text()
