@@ -48,6 +48,12 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "A
 TRAIN_NET = Path(__file__).resolve().parent / "train_net.py"
 
 
+def rank_overrides(flags: tuple[int, ...]) -> list[str]:
+    """(1, 0, 1, 0) -> ["model.rank.rch=True", "model.rank.qrl=False", ...]: the one config node
+    every model (Rank-DETR on H-DETR or on DINO) takes its four components from."""
+    return [f"model.rank.{name}={bool(on)}" for name, on in zip(FLAGS, flags)]
+
+
 def run_name(flags: tuple[int, ...]) -> str:
     """(1, 1, 0, 0) -> "rch_qrl"; all off -> "none"."""
     return "_".join(name for name, on in zip(FLAGS, flags) if on) or "none"
@@ -68,7 +74,7 @@ def final_metrics(output_dir: Path) -> dict | None:
 
 
 def train(config_file: str, flags: tuple[int, ...], output_dir: Path, extra: list[str]) -> None:
-    overrides = [f"model.rank.{name}={bool(on)}" for name, on in zip(FLAGS, flags)]
+    overrides = rank_overrides(flags)
     command = [sys.executable, str(TRAIN_NET), "--config-file", config_file, *overrides,
                f"train.output_dir={output_dir}", *extra]  # fmt: skip
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -82,7 +88,7 @@ def submit(config_file: str, runs: dict[tuple[int, ...], Path], extra: list[str]
     A job resumes its folder's newest checkpoint (a failed job's retry continues it)."""
     jobs = {}
     for flags, output_dir in runs.items():
-        overrides = [f"model.rank.{name}={bool(on)}" for name, on in zip(FLAGS, flags)]
+        overrides = rank_overrides(flags)
         jobs[flags] = slurm.training_job(TRAIN_NET, config_file,
                                          [*overrides, f"train.output_dir={output_dir}", *extra],
                                          options, resume=True)  # fmt: skip

@@ -65,3 +65,20 @@ def test_runs_are_trained_once_and_tabulated(sweep, tmp_path, monkeypatch, capsy
     trained.clear()
     assert sweep.main() == 0 and trained == []
     assert "(a) Effect of gradually adding" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "config", ["demo/dino_r18_shapes.py", "rank_dino/rank_dino_r50_4scale_12ep.py"]
+)
+def test_the_sweep_overrides_switch_the_components_of_dino_configs(sweep, config):
+    """Every row of Table 4 applied to a DINO config through the runner's override checks gives
+    a model whose four components are those of the row."""
+    from detectron2.config import LazyConfig, instantiate
+
+    from rankdetr.engine.config_checks import apply_checked_overrides
+
+    path = Path(__file__).resolve().parents[2] / "configs" / config
+    for flags in {flags for key in "abc" for flags in sweep.TABLES[key][1]}:
+        cfg = apply_checked_overrides(LazyConfig.load(str(path)), sweep.rank_overrides(flags))
+        rank = instantiate(cfg.model.rank)
+        assert (rank.rch, rank.qrl, rank.gcl, rank.hmc) == tuple(map(bool, flags))
