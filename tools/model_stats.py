@@ -99,8 +99,8 @@ FLOP_HANDLES = {
 
 
 class NetworkForward(nn.Module):
-    """RankDETR at inference as a traceable tensor function: (3, H, W) uint8 image -> the last
-    decoder layer's logits (1, Q, K) and boxes (1, Q, 4), one-to-one queries only."""
+    """RankDETR or DINO at inference as a traceable tensor function: (3, H, W) uint8 image -> the
+    last decoder layer's logits (1, Q, K) and boxes (1, Q, 4), the queries inference uses."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -108,7 +108,7 @@ class NetworkForward(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images, padding_mask = self.model.preprocess_images([{"image": image}])
-        outputs = self.model.predict(images.tensor, padding_mask, 0)
+        outputs = self.model.predict(images.tensor, padding_mask)  # inference queries only
         return outputs["logits"][-1], outputs["boxes"][-1]
 
 

@@ -185,7 +185,9 @@ class RankDETR(DeformableDetector):
             "image_sizes": [tuple(size) for size in images.image_sizes],
         }
 
-    def predict(self, images: torch.Tensor, padding_mask: torch.Tensor, num_one2many: int) -> dict:
+    def predict(
+        self, images: torch.Tensor, padding_mask: torch.Tensor, num_one2many: int = 0
+    ) -> dict:
         """
         Args:
             images: (N, 3, H, W) normalised, padded.
