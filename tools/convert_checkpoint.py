@@ -19,12 +19,12 @@ import sys
 from pathlib import Path
 
 from rankdetr.checkpoint import convert_release_state_dict, describe_release_checkpoint
+from rankdetr.checkpoint.backbone_weights import CheckpointError, read_weights_file
 from rankdetr.checkpoint.dino import (
     convert_dino_state_dict,
     describe_dino_checkpoint,
     is_dino_checkpoint,
 )
-from rankdetr.checkpoint.backbone_weights import CheckpointError, read_weights_file
 from rankdetr.engine.checkpoint import atomic_torch_save
 
 
