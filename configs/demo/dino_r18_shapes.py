@@ -7,8 +7,13 @@ the four rank components on; the two side by side are the demo of Table 3.
 """
 
 from ..models.dino_r50 import model
+
+# isort would move the noqa comments off the lines they belong to
+# isort: off
 from .rank_detr_r18_shapes import dataloader, lr_multiplier, optimizer, train  # noqa: F401
 from .rank_detr_r18_shapes import model as _rank_detr_demo  # underscore: not a config key
+
+# isort: on
 
 model.backbone = _rank_detr_demo.backbone
 model.neck = _rank_detr_demo.neck
