@@ -27,6 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tabulate import tabulate
 from tqdm import tqdm
 
 from rankdetr.engine import slurm
@@ -130,17 +131,17 @@ def train_on_cluster(args, pending: list[tuple[int, ...]]) -> None:
 
 
 def format_table(key: str, results: dict[tuple[int, ...], dict]) -> str:
-    """One sub-table of Table 4 in the paper's layout (check marks, then the metrics)."""
+    """One sub-table of Table 4 in the paper's layout (check marks, then the metrics), as a
+    markdown table."""
     title, rows = TABLES[key]
-    lines = [f"({key}) {title}", "",
-             "| RCH | QRL | GCL | HMC | " + " | ".join(METRICS) + " |",
-             "|" + "---|" * (4 + len(METRICS))]  # fmt: skip
-    for flags in rows:
-        marks = " | ".join("✓" if on else "✗" for on in flags)
-        values = results.get(flags) or {}
-        cells = " | ".join(_cell(values.get(m)) for m in METRICS)
-        lines.append(f"| {marks} | {cells} |")
-    return "\n".join(lines)
+    cells = [
+        ["✓" if on else "✗" for on in flags]
+        + [_cell((results.get(flags) or {}).get(m)) for m in METRICS]
+        for flags in rows
+    ]
+    table = tabulate(cells, ("RCH", "QRL", "GCL", "HMC", *METRICS), tablefmt="github",
+                     disable_numparse=True)  # fmt: skip
+    return f"({key}) {title}\n\n{table}"
 
 
 def _cell(value) -> str:
