@@ -8,20 +8,28 @@ MSDeformAttn), and the same model with the pure-PyTorch MSDeformAttn as the in-p
 rankdetr under CPU bf16 autocast, with how far its losses and detection scores are from float32
 on the same batch and weights. `--dino` adds DINO R50 (900 queries, contrastive denoising with
 dn_number 100) and Rank-DINO (all four components) rows on the same batch, beside the H-DETR-based
-model.
+model. `--release-path` puts the original release (LeapLabTHU/Rank-DETR, a detrex tree) beside
+rankdetr in one process: the release's R50 two-stage model, its weights copied into ours by the
+converter, the same batch and threads, the first step's losses compared, then training steps and
+inferences timed interleaved (ours, release, ours, ...) so that machine load hits both alike.
 
     .venv/bin/python tools/benchmark_train_step.py --repeats 3 --profile
     .venv/bin/python tools/benchmark_train_step.py --amp bf16 --skip-baseline
     .venv/bin/python tools/benchmark_train_step.py --dino --skip-baseline
+    .venv/bin/python tools/benchmark_train_step.py --release-path /tmp/release \
+        --release-deps /tmp/release_deps --threads 2 --repeats 5 --amp bf16
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+import types
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 
 import torch
 from detectron2.structures import Boxes, Instances
@@ -36,19 +44,32 @@ from rankdetr.modeling.neck import ChannelMapper
 from rankdetr.modeling.rank_detr import RankDETR
 from rankdetr.modeling.rank_options import RankOptions
 
+# The original release's model config (--release-path), and how far the first-step losses of the
+# two may differ: float32 rounding through ~50 loss terms over 1800 queries (seen: 1e-7).
+RELEASE_CONFIG = "projects/rank_detr/configs/models/rank_detr_r50.py"
+LOSS_RTOL = 1e-4
 
-def build_model(kind: type = RankDETR, **kwargs) -> RankDETR | DINO:
-    """R50 with 80 classes: Rank-DETR (H-DETR base, 300 + 1500 queries) or DINO (900 queries)."""
+# The benchmark's sizes, and tiny ones for a quick run (tests): ResNet depth, one-to-one and
+# one-to-many queries, image sizes (h, w).
+SIZES = {
+    "r50": {"depth": 50, "queries": (300, 1500), "images": ((320, 320), (288, 320))},
+    "tiny": {"depth": 18, "queries": (20, 60), "images": ((96, 96), (80, 96))},
+}
+
+
+def build_model(kind: type = RankDETR, depth: int = 50, **kwargs) -> RankDETR | DINO:
+    """80 classes: Rank-DETR (H-DETR base, 300 + 1500 queries) or DINO (900 queries); R50."""
     torch.manual_seed(0)
-    backbone = ResNetBackbone(depth=50)
+    backbone = ResNetBackbone(depth=depth)
     neck = ChannelMapper(in_channels=backbone.out_channels, out_channels=256, num_extra_levels=1)
     return kind(backbone=backbone, neck=neck, num_classes=80, **kwargs)
 
 
-def fixed_batch() -> list[dict]:
+def fixed_batch(sizes=SIZES["r50"]["images"]) -> list[dict]:
+    """Two uint8 RGB images of the given (h, w) with the same two boxes (absolute xyxy)."""
     g = torch.Generator().manual_seed(0)
     inputs = []
-    for h, w in [(320, 320), (288, 320)]:
+    for h, w in sizes:
         instances = Instances((h, w))
         instances.gt_boxes = Boxes(
             torch.tensor([[20.0, 30.0, 150.0, 200.0], [160.0, 40.0, 300.0, 250.0]])
@@ -71,13 +92,23 @@ def reference_op(enabled: bool):
         msda_module.ms_deform_attn = original
 
 
-def train_step(model, optimizer, batch, amp: torch.dtype | None = None) -> None:
+def train_step(model, optimizer, batch, amp: torch.dtype | None = None) -> float:
+    """Forward, weighted losses, backward, clipping at 0.1 and AdamW; returns the total loss."""
+    model.train()
     with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
         losses = model(batch)
+    total = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
-    sum(losses.values()).backward()
+    total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
     optimizer.step()
+    return total.item()
+
+
+def inference(model, batch, amp: torch.dtype | None = None) -> None:
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=bool(amp)):
+        model(batch)
 
 
 def time_it(fn, repeats: int, desc: str) -> float:
@@ -90,7 +121,21 @@ def time_it(fn, repeats: int, desc: str) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def time_interleaved(jobs: dict, repeats: int) -> dict:
+    """Median seconds of each job, run in turn (A, B, A, B, ...) after one warm-up each, so that
+    a change of machine load during the run affects every job alike."""
+    for fn in jobs.values():
+        fn()
+    times = {key: [] for key in jobs}
+    for _ in tqdm(range(repeats), desc="interleaved", leave=False):
+        for key, fn in jobs.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -101,25 +146,45 @@ def main() -> None:
         "--compile", action="store_true", help="add a row with torch.compile'd transformer layers"
     )
     parser.add_argument("--dino", action="store_true", help="add DINO and Rank-DINO R50 rows")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--release-path", type=Path, default=None,
+        help="the original release's tree: time it beside rankdetr on the same weights",
+    )  # fmt: skip
+    parser.add_argument(
+        "--release-deps", type=Path, default=None,
+        help="a pip --target folder with the release's extra packages (fairscale, einops)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--size", choices=sorted(SIZES), default="r50", help="tiny: R18, 20+60 queries (tests)"
+    )
+    args = parser.parse_args(argv)
+    if args.release_path is not None and not (args.release_path / RELEASE_CONFIG).is_file():
+        parser.error(f"--release-path {args.release_path}: no {RELEASE_CONFIG} there")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
-
-    model = build_model()
+    sizes = SIZES[args.size]
+    num_queries, num_one2many = sizes["queries"]
+    model = build_model(
+        depth=sizes["depth"], num_queries=num_queries, num_queries_one2many=num_one2many
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    batch = fixed_batch()
-
+    batch = fixed_batch(sizes["images"])
     amp = torch.bfloat16 if args.amp == "bf16" else None
+    if args.release_path is not None:
+        compare_with_release(args, model, batch, amp)
+        return
     if amp is not None:
         print_autocast_differences(model, batch, amp)
 
     def train(amp=None, model=model, optimizer=optimizer):
-        model.train()
         train_step(model, optimizer, batch, amp)
 
     def infer(amp=None, model=model):
-        model.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=bool(amp)):
-            model(batch)
+        inference(model, batch, amp)
 
     variants = [("rankdetr", False, None)]
     if amp is not None:
@@ -200,6 +265,99 @@ def print_autocast_differences(model, batch, amp: torch.dtype) -> None:
         f"{losses_amp[term]:.4f} vs {losses32[term]:.4f}; sorted detection scores differ by at "
         f"most {score_error:.4f}"
     )
+
+
+# The original release, side by side (--release-path): read and imported at run time only.
+
+
+def import_release(release_path: Path, deps_path: Path | None) -> None:
+    """Make the release's `detrex` and `projects` importable without what a CPU run never uses.
+
+    `detrex/__init__` imports its data, config and logging packages too (wandb, detectron2's
+    point_rend, pkg_resources); an empty package object pointing at the folder imports only the
+    modules the model needs. An empty `detrex._C` stands in for the unbuilt CUDA extension: on
+    CPU the release's MSDeformAttn runs its pure-PyTorch path and never calls it. `deps_path`
+    (fairscale, einops, installed with pip --target) goes last on sys.path, so that it never
+    shadows this environment's packages.
+    """
+    sys.path.insert(0, str(release_path))
+    if deps_path is not None:
+        sys.path.append(str(deps_path))
+    package = types.ModuleType("detrex")
+    package.__path__ = [str(release_path / "detrex")]
+    sys.modules.setdefault("detrex", package)
+    sys.modules.setdefault("detrex._C", types.ModuleType("detrex._C"))
+    sys.modules.setdefault("wandb", types.ModuleType("wandb"))  # detrex's logging only
+
+
+def build_release_model(release_path: Path, size: str) -> torch.nn.Module:
+    """The release's model as its `rank_detr_r50_two_stage_12ep.py` builds it (the model config
+    with box refinement and two-stage on: RCH, QRL, GCL, HMC, 80 classes), at our `SIZES`."""
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.layers import ShapeSpec
+
+    cfg = LazyConfig.load(str(release_path / RELEASE_CONFIG))
+    cfg.model.update(device="cpu", with_box_refine=True, as_two_stage=True)
+    sizes = SIZES[size]
+    cfg.model.backbone.stages.depth = sizes["depth"]
+    if sizes["depth"] < 50:  # BasicBlock stages: 128, 256, 512 channels out of res3..res5
+        del cfg.model.backbone.stages.stride_in_1x1
+        cfg.model.neck.input_shapes = {
+            f"res{i}": ShapeSpec(channels=64 * 2 ** (i - 2)) for i in (3, 4, 5)
+        }
+    num_queries, num_one2many = sizes["queries"]
+    cfg.model.update(num_queries_one2one=num_queries, num_queries_one2many=num_one2many)
+    cfg.model.transformer.two_stage_num_proposals = num_queries + num_one2many
+    torch.manual_seed(0)
+    return instantiate(cfg.model)
+
+
+def compare_with_release(args, model, batch, amp: torch.dtype | None) -> None:
+    """Ours and the release's on the same weights and batch: the first step's total losses, then
+    training steps and inferences timed interleaved; `amp` adds rankdetr under autocast."""
+    from rankdetr.checkpoint import convert_release_state_dict
+
+    import_release(args.release_path, args.release_deps)
+    release = build_release_model(args.release_path, args.size)
+    result = model.load_state_dict(convert_release_state_dict(release.state_dict()), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    models = {"rankdetr": model, "original release": release}
+    optimizers = {
+        name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+        for name, m in models.items()
+    }
+    # The first step, on equal weights (the optimizers' steps then move them apart).
+    ours, theirs = (train_step(m, optimizers[name], batch) for name, m in models.items())
+    difference = abs(ours - theirs) / abs(theirs)
+    print(
+        f"\nfirst step on the same weights: total loss rankdetr {ours:.6f}, release {theirs:.6f} "
+        f"(relative difference {difference:.1e})"
+    )
+    if not difference < LOSS_RTOL:
+        raise SystemExit(f"the first-step losses differ by more than {LOSS_RTOL:g}: not comparable")
+    variants = [(name, m, optimizers[name], None) for name, m in models.items()]
+    if amp is not None:
+        variants.insert(1, (f"rankdetr, {args.amp} autocast", model, optimizers["rankdetr"], amp))
+    jobs = {}
+    for name, m, optimizer, variant_amp in variants:
+        jobs[name, "train"] = partial(train_step, m, optimizer, batch, variant_amp)
+        jobs[name, "infer"] = partial(inference, m, batch, variant_amp)
+    times = time_interleaved(jobs, args.repeats)
+    base_train, base_infer = times["original release", "train"], times["original release", "infer"]
+    cells = [
+        (name, f"{times[name, 'train']:.2f}", f"{times[name, 'infer']:.2f}",
+         f"{times[name, 'train'] / base_train:.2f}x", f"{times[name, 'infer'] / base_infer:.2f}x")
+        for name, *_ in variants
+    ]  # fmt: skip
+    num_queries, num_one2many = SIZES[args.size]["queries"]
+    images = ", ".join(f"{h}x{w}" for h, w in SIZES[args.size]["images"])
+    print(
+        f"\n{args.size.upper()} two-stage, {num_queries}+{num_one2many} queries, batch 2 "
+        f"({images}), CPU, {torch.get_num_threads()} threads, median of {args.repeats} "
+        f"interleaved repeats."
+    )
+    headers = ("model", "train step (s)", "inference (s)", "train / release", "infer / release")
+    print(tabulate(cells, headers, tablefmt="github", disable_numparse=True))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,74 @@
+"""tools/benchmark_train_step.py: its options, a tiny run without the release (which must not be
+imported then), and, where a release tree is given, the side-by-side comparison on tiny sizes.
+
+The comparison needs the original release (LeapLabTHU/Rank-DETR, a detrex tree) and its extra
+packages in a pip --target folder; it runs when `RANKDETR_RELEASE_PATH` (and, if needed,
+`RANKDETR_RELEASE_DEPS`) name them, and is skipped otherwise.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, load_tool
+
+SCRIPT = REPO_ROOT / "tools" / "benchmark_train_step.py"
+
+
+@pytest.fixture(scope="module")
+def tool():
+    return load_tool(SCRIPT, "benchmark_train_step")
+
+
+def test_options_default_to_no_release_and_the_r50_sizes(tool):
+    args = tool.parse_args([])
+    assert args.release_path is None and args.size == "r50"
+    assert tool.SIZES["r50"]["queries"] == (300, 1500)
+
+
+def test_a_release_path_without_the_release_is_refused(tool, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--release-path", str(tmp_path)])
+    assert "rank_detr_r50.py" in capsys.readouterr().err
+
+
+def run(*options: str) -> subprocess.CompletedProcess:
+    """The script on tiny sizes, one thread, in its own process; reports whether the release's
+    packages got imported."""
+    code = (
+        "import runpy, sys; sys.argv = ['benchmark_train_step.py', *sys.argv[1:]]; "
+        f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__'); "
+        "print('imported detrex:', 'detrex' in sys.modules)"
+    )
+    command = [sys.executable, "-c", code, "--size", "tiny", "--threads", "1", "--repeats", "1"]
+    return subprocess.run(
+        [*command, *options], capture_output=True, text=True, cwd=REPO_ROOT, timeout=900
+    )
+
+
+def test_a_tiny_run_prints_its_table_and_imports_nothing_of_the_release():
+    result = run("--skip-baseline")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| rankdetr " in result.stdout
+    assert "imported detrex: False" in result.stdout
+
+
+RELEASE = os.environ.get("RANKDETR_RELEASE_PATH")
+
+
+@pytest.mark.skipif(not RELEASE, reason="RANKDETR_RELEASE_PATH names no release tree")
+def test_side_by_side_with_the_release_on_tiny_sizes():
+    deps = os.environ.get("RANKDETR_RELEASE_DEPS")
+    options = ["--release-path", str(Path(RELEASE))]
+    if deps:
+        options += ["--release-deps", deps]
+    result = run(*options)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("first step"))
+    assert float(line.rsplit("difference ", 1)[1].rstrip(")")) < 1e-5, line
+    rows = [x.split("|") for x in result.stdout.splitlines() if x.startswith("| ")]
+    assert [r[1].strip() for r in rows[1:]] == ["rankdetr", "original release"]
+    assert rows[2][4].strip() == "1.00x"
