@@ -23,8 +23,14 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., C) -> (..., C)."""
-        return self.dropout(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+        """(..., C) -> (..., C).
+
+        Runs on the 2-D (rows, C) input: linear1's output of a 3-D input is a view of its 2-D
+        product, and the in-place ReLU on a view makes autograd rebuild the whole base in
+        backward (a zero fill and two full copies of the (rows, hidden) tensor per layer).
+        """
+        hidden = self.dropout(self.activation(self.linear1(x.reshape(-1, x.shape[-1]))))
+        return self.dropout(self.linear2(hidden)).view(x.shape)
 
 
 class DeformableEncoderLayer(nn.Module):
