@@ -121,9 +121,9 @@ def time_it(fn, repeats: int, desc: str) -> float:
     return statistics.median(times)
 
 
-def time_interleaved(jobs: dict, repeats: int) -> dict:
-    """Median seconds of each job, run in turn (A, B, A, B, ...) after one warm-up each, so that
-    a change of machine load during the run affects every job alike."""
+def time_interleaved(jobs: dict, repeats: int) -> dict[object, list[float]]:
+    """Seconds of each run of each job, run in turn (A, B, A, B, ...) after one warm-up each, so
+    that a change of machine load during the run affects every job alike."""
     for fn in jobs.values():
         fn()
     times = {key: [] for key in jobs}
@@ -132,7 +132,7 @@ def time_interleaved(jobs: dict, repeats: int) -> dict:
             start = time.perf_counter()
             fn()
             times[key].append(time.perf_counter() - start)
-    return {key: statistics.median(values) for key, values in times.items()}
+    return times
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -377,18 +377,27 @@ def compare_with_release(args, model, batch, amp: torch.dtype | None) -> None:
         jobs[name, "train"] = partial(train_step, m, optimizer, batch, variant_amp)
         jobs[name, "infer"] = partial(inference, m, batch, variant_amp)
     times = time_interleaved(jobs, args.repeats)
-    base_train, base_infer = times["original release", "train"], times["original release", "infer"]
+
+    def seconds(name, kind):
+        values = times[name, kind]
+        return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+    def ratio(name, kind):  # of each run to the release's run beside it
+        pairs = zip(times[name, kind], times["original release", kind])
+        return f"{statistics.median(ours / theirs for ours, theirs in pairs):.2f}x"
+
     cells = [
-        (name, f"{times[name, 'train']:.2f}", f"{times[name, 'infer']:.2f}",
-         f"{times[name, 'train'] / base_train:.2f}x", f"{times[name, 'infer'] / base_infer:.2f}x")
+        (name, seconds(name, "train"), seconds(name, "infer"), ratio(name, "train"),
+         ratio(name, "infer"))
         for name, *_ in variants
     ]  # fmt: skip
     num_queries, num_one2many = SIZES[args.size]["queries"]
     images = ", ".join(f"{h}x{w}" for h, w in SIZES[args.size]["images"])
     print(
         f"\n{args.size.upper()} two-stage, {num_queries}+{num_one2many} queries, batch 2 "
-        f"({images}), CPU, {torch.get_num_threads()} threads, median of {args.repeats} "
-        f"interleaved repeats."
+        f"({images}), CPU, {torch.get_num_threads()} threads; seconds: median (range) of "
+        f"{args.repeats} interleaved repeats; ratios: median of each run's to the release's "
+        f"run beside it."
     )
     headers = ("model", "train step (s)", "inference (s)", "train / release", "infer / release")
     print(tabulate(cells, headers, tablefmt="github", disable_numparse=True))
