@@ -17,12 +17,13 @@ inferences timed interleaved (ours, release, ours, ...) so that machine load hit
     .venv/bin/python tools/benchmark_train_step.py --amp bf16 --skip-baseline
     .venv/bin/python tools/benchmark_train_step.py --dino --skip-baseline
     .venv/bin/python tools/benchmark_train_step.py --release-path /tmp/release \
-        --release-deps /tmp/release_deps --threads 2 --repeats 5 --amp bf16
+        --release-deps /tmp/release_deps --threads 2 --repeats 5 --amp bf16 --compile
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -372,6 +373,13 @@ def compare_with_release(args, model, batch, amp: torch.dtype | None) -> None:
     variants = [(name, m, optimizers[name], None) for name, m in models.items()]
     if amp is not None:
         variants.insert(1, (f"rankdetr, {args.amp} autocast", model, optimizers["rankdetr"], amp))
+    if args.compile:  # a copy, as compiling changes a model for good; compiled in the warm-up
+        compiled = copy.deepcopy(model)
+        compiled.compile_layers()
+        compiled_optimizer = torch.optim.AdamW(
+            [p for p in compiled.parameters() if p.requires_grad], lr=1e-4
+        )
+        variants.insert(1, ("rankdetr, compiled layers", compiled, compiled_optimizer, None))
     jobs = {}
     for name, m, optimizer, variant_amp in variants:
         jobs[name, "train"] = partial(train_step, m, optimizer, batch, variant_amp)
