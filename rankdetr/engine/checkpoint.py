@@ -418,8 +418,11 @@ def local_weights_file(path: str) -> str:
 
 
 # Tensors whose shape follows the number of classes: the class heads and the RCH biases.
+# Tensors with a row or column per class: the class heads, the RCH biases and DINO's denoising
+# label embeddings.
 _CLASS_DEPENDENT = re.compile(
-    r"^(decoder\.class_heads\.\d+\.|proposals\.class_head\.|decoder\.rank_class_bias\.\d+\.)"
+    r"^(decoder\.class_heads\.\d+\.|proposals\.class_head\.|decoder\.rank_class_bias\.\d+\."
+    r"|label_embedding\.)"
 )
 
 

@@ -72,6 +72,22 @@ def test_fine_tuning_onto_other_classes_reinitialises_only_the_class_tensors(
     assert "another number of classes" in message and "proposals.class_head.weight" in message
 
 
+def test_fine_tuning_a_rank_dino_onto_other_classes(tmp_path, caplog):
+    """DINO's denoising label embeddings have a row per class: re-initialised with the heads."""
+    dino = str(ROOT / "configs" / "demo" / "rank_dino_r18_shapes.py")
+    small = ["model.num_queries=10", "model.num_detections=10"]
+    torch.manual_seed(0)
+    five = build_model(load_config(dino, small + ["model.num_classes=5"]))
+    torch.save({"model": five.state_dict()}, tmp_path / "dino5.pth")
+    torch.manual_seed(1)
+    three = build_model(load_config(dino, small + ["model.num_classes=3"]))
+    with caplog.at_level(logging.WARNING):
+        SafeCheckpointer(three).load(str(tmp_path / "dino5.pth"), checkpointables=[])
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "label_embedding.weight" in message and "decoder.rank_class_bias.0.weight" in message
+    assert torch.equal(three.level_embeds, five.level_embeds)
+
+
 def test_a_full_checkpoint_of_another_architecture_is_refused_at_init(five_class_checkpoint):
     torch.manual_seed(0)
     wider = build_model(load_config(DEMO, SMALL + ["model.num_classes=5", "model.ffn_dim=256"]))
