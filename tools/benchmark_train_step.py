@@ -149,7 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dino", action="store_true", help="add DINO and Rank-DINO R50 rows")
     parser.add_argument(
         "--release-path", type=Path, default=None,
-        help="the original release's tree: time it beside rankdetr on the same weights",
+        help="the original release's tree: time it beside rankdetr on the same weights "
+        "(with --amp and --compile rows; --profile, --dino and the op baseline are not run)",
     )  # fmt: skip
     parser.add_argument(
         "--release-deps", type=Path, default=None,
@@ -372,6 +373,7 @@ def compare_with_release(args, model, batch, amp: torch.dtype | None) -> None:
     check_same_losses(model, release, batch)
     variants = [(name, m, optimizers[name], None) for name, m in models.items()]
     if amp is not None:
+        print_autocast_differences(model, batch, amp)
         variants.insert(1, (f"rankdetr, {args.amp} autocast", model, optimizers["rankdetr"], amp))
     if args.compile:  # a copy, as compiling changes a model for good; compiled in the warm-up
         compiled = copy.deepcopy(model)
