@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from rankdetr.checkpoint.release import _RULES as _TRANSFORMER_LAYER_RULES
 from rankdetr.checkpoint.release import (
-    _convert_swin_backbone,
     describe_release_checkpoint,
     release_decoder_depth,
+    rename_detrex_state_dict,
 )
 
 __all__ = ["convert_dino_state_dict", "describe_dino_checkpoint", "is_dino_checkpoint"]
@@ -30,7 +28,6 @@ _RULES = [
     *_TRANSFORMER_LAYER_RULES,
 ]
 _HEAD = re.compile(r"^transformer\.decoder\.(class_embed|bbox_embed)\.(\d+)\.(.*)$")
-_DUPLICATE_HEAD = re.compile(r"^(class_embed|bbox_embed)\.(\d+)\.(.*)$")
 _RELEASE_ONLY = ("transformer.pos_trans.", "query_embedding.", "rank_adaptive_classhead_emb.")
 
 
@@ -75,34 +72,18 @@ def convert_dino_state_dict(state_dict: dict, num_decoder_layers: int | None = N
             f"the checkpoint has {depth} decoder layers, but num_decoder_layers="
             f"{num_decoder_layers} was asked for"
         )
-    converted, unknown = _convert_swin_backbone(state_dict), []
-    swin = bool(converted)
-    for name, tensor in state_dict.items():
-        if swin and name.startswith("backbone."):
-            continue  # converted above
-        duplicate = _DUPLICATE_HEAD.match(name)
-        if duplicate:
-            original = f"transformer.decoder.{name}"
-            if original in state_dict:
-                if not torch.equal(state_dict[original], tensor):
-                    raise ValueError(f"{name} differs from {original}: they should be one module")
-                continue
-            name = original
-        new_name = None if name.startswith(_RELEASE_ONLY) else _rename(name, depth)
-        if new_name is None:
-            unknown.append(name)
-        else:
-            converted[new_name] = tensor
-    if unknown:
-        shown = ", ".join(repr(n) for n in unknown[:10])
-        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
-        hint = (
-            " (this looks like a Rank-DETR release checkpoint: use convert_release_state_dict)"
-            if any(n.startswith(_RELEASE_ONLY) for n in unknown)
-            else ""
-        )
-        raise KeyError(f"unknown tensors in the DINO checkpoint: {shown}{more}{hint}")
-    return converted
+    return rename_detrex_state_dict(
+        state_dict,
+        lambda name: None if name.startswith(_RELEASE_ONLY) else _rename(name, depth),
+        "DINO",
+        _release_hint,
+    )
+
+
+def _release_hint(unknown: list[str]) -> str:
+    if any(name.startswith(_RELEASE_ONLY) for name in unknown):
+        return " (this looks like a Rank-DETR release checkpoint: use convert_release_state_dict)"
+    return ""
 
 
 def _rename(name: str, depth: int) -> str | None:

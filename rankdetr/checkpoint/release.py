@@ -78,20 +78,33 @@ def convert_release_state_dict(state_dict: dict, num_decoder_layers: int | None 
             f"the checkpoint has {depth} decoder layers (transformer.decoder.layers.0..{depth - 1})"
             f", but num_decoder_layers={num_decoder_layers} was asked for"
         )
+    return rename_detrex_state_dict(state_dict, lambda name: _rename(name, depth), "release")
+
+
+def rename_detrex_state_dict(state_dict: dict, rename, kind: str, hint=None) -> dict:
+    """A detrex-layout state dict in rankdetr's names (shared by the release and DINO converters).
+
+    Swin `backbone.*` tensors are converted as a whole; a head stored twice (`class_embed.<i>`
+    beside `transformer.decoder.class_embed.<i>`) must be equal and is kept once; every other
+    tensor goes through `rename` (name -> our name, or None when it cannot be mapped).
+
+    Raises:
+        KeyError naming every tensor that cannot be mapped (`hint(unknown_names)` may add a
+        sentence); ValueError when duplicated heads differ.
+    """
     converted, unknown = _convert_swin_backbone(state_dict), []
     swin = bool(converted)
     for name, tensor in state_dict.items():
         if swin and name.startswith("backbone."):
             continue  # converted above
-        duplicate = _DUPLICATE_HEAD.match(name)
-        if duplicate:
+        if _DUPLICATE_HEAD.match(name):
             original = f"transformer.decoder.{name}"
-            if original in state_dict and not torch.equal(state_dict[original], tensor):
-                raise ValueError(f"{name} differs from {original}: they should be one module")
             if original in state_dict:
+                if not torch.equal(state_dict[original], tensor):
+                    raise ValueError(f"{name} differs from {original}: they should be one module")
                 continue
             name = original
-        new_name = _rename(name, depth)
+        new_name = rename(name)
         if new_name is None:
             unknown.append(name)
         else:
@@ -99,7 +112,8 @@ def convert_release_state_dict(state_dict: dict, num_decoder_layers: int | None 
     if unknown:
         shown = ", ".join(repr(n) for n in unknown[:10])
         more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
-        raise KeyError(f"unknown tensors in the release checkpoint: {shown}{more}")
+        extra = hint(unknown) if hint else ""
+        raise KeyError(f"unknown tensors in the {kind} checkpoint: {shown}{more}{extra}")
     return converted
 
 

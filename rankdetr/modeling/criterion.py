@@ -18,7 +18,7 @@ from rankdetr.layers.box_ops import (
 from rankdetr.modeling.losses import giou_aware_focal_loss, sigmoid_focal_loss, varifocal_loss
 from rankdetr.modeling.matcher import HungarianMatcher
 
-__all__ = ["SetCriterion", "repeat_targets"]
+__all__ = ["SetCriterion", "build_criterion", "repeat_targets"]
 
 CLASSIFICATION_LOSSES = ("focal", "gcl", "varifocal")
 QUALITY_TARGETS = ("giou", "iou")
@@ -252,3 +252,48 @@ def _average_box_count(targets: list[dict], device: torch.device) -> float:
         dist.all_reduce(count)
         count = count / dist.get_world_size()
     return max(count.item(), 1.0)
+
+
+def build_criterion(
+    *,
+    num_classes: int,
+    rank,
+    loss_weights: dict,
+    matching_costs: dict,
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
+    **criterion_kwargs,
+) -> SetCriterion:
+    """The criterion and its Hungarian matcher as a meta-architecture's `rank` node asks: HMC
+    switches the matcher, GCL / varifocal the classification loss.
+
+    Args:
+        num_classes: K.
+        rank: :class:`~rankdetr.modeling.rank_options.RankOptions`.
+        loss_weights, matching_costs: {"class", "bbox", "giou"} each.
+        focal_alpha, focal_gamma: of the losses and the matching cost.
+        criterion_kwargs: further :class:`SetCriterion` arguments (e.g. `weight_one2many`).
+    """
+    matcher = HungarianMatcher(
+        cost_class=matching_costs["class"],
+        cost_bbox=matching_costs["bbox"],
+        cost_giou=matching_costs["giou"],
+        focal_alpha=focal_alpha,
+        focal_gamma=focal_gamma,
+        high_order_start=rank.hmc_start if rank.hmc else None,
+        high_order_power=rank.hmc_power,
+        high_order_quality=rank.hmc_quality,
+    )
+    return SetCriterion(
+        num_classes=num_classes,
+        matcher=matcher,
+        weight_class=loss_weights["class"],
+        weight_bbox=loss_weights["bbox"],
+        weight_giou=loss_weights["giou"],
+        classification_loss=rank.classification_loss,
+        quality_target=rank.gcl_target,
+        quality_power=rank.gcl_power,
+        focal_alpha=focal_alpha,
+        focal_gamma=focal_gamma,
+        **criterion_kwargs,
+    )

@@ -26,7 +26,7 @@ from rankdetr.modeling.checkpointing import run_layer
 from rankdetr.modeling.decoder_layer import DeformableDecoderLayer
 from rankdetr.modeling.init import init_like_release_transformer
 
-__all__ = ["RankDecoder", "gather_queries", "sort_within_groups"]
+__all__ = ["RankDecoder", "add_rank_parts", "gather_queries", "sort_within_groups"]
 
 
 def sort_within_groups(scores: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
@@ -51,6 +51,38 @@ def gather_queries(tensor: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """tensor (N, Q, ...) reordered along Q by order (N, Q)."""
     index = order.view(*order.shape, *([1] * (tensor.dim() - 2))).expand_as(tensor)
     return tensor.gather(1, index)
+
+
+def add_rank_parts(
+    decoder: nn.Module,
+    *,
+    num_layers: int,
+    num_rows: int,
+    num_classes: int,
+    embed_dim: int,
+    rank_adaptive_head: bool,
+    query_rank_layer: bool,
+) -> None:
+    """Give a decoder its per-rank parameters (None where the component is off):
+    `rank_class_bias` (RCH, Eq. 1): per layer an (num_rows, K) table;
+    `rank_content_query`, `rank_query_proj`, `rank_query_fuse` (QRL, Eq. 2): per layer after the
+    first an (num_rows, C) embedding C^l, a Linear on it and the Linear fusing [q ; f(C^l)]."""
+    decoder.rank_class_bias = None
+    if rank_adaptive_head:
+        decoder.rank_class_bias = nn.ModuleList(
+            nn.Embedding(num_rows, num_classes) for _ in range(num_layers)
+        )
+    decoder.rank_content_query = decoder.rank_query_proj = decoder.rank_query_fuse = None
+    if query_rank_layer:
+        decoder.rank_content_query = nn.ModuleList(
+            nn.Embedding(num_rows, embed_dim) for _ in range(num_layers - 1)
+        )
+        decoder.rank_query_proj = nn.ModuleList(
+            nn.Linear(embed_dim, embed_dim) for _ in range(num_layers - 1)
+        )
+        decoder.rank_query_fuse = nn.ModuleList(
+            nn.Linear(2 * embed_dim, embed_dim) for _ in range(num_layers - 1)
+        )
 
 
 class RankDecoder(nn.Module):
@@ -104,22 +136,15 @@ class RankDecoder(nn.Module):
             nn.Linear(embed_dim, num_classes) for _ in range(num_layers)
         )
         self.box_heads = nn.ModuleList(MLP(embed_dim, embed_dim, 4, 3) for _ in range(num_layers))
-        self.rank_class_bias = None
-        if rank_adaptive_head:
-            self.rank_class_bias = nn.ModuleList(
-                nn.Embedding(max_queries, num_classes) for _ in range(num_layers)
-            )
-        self.rank_content_query = self.rank_query_proj = self.rank_query_fuse = None
-        if query_rank_layer:
-            self.rank_content_query = nn.ModuleList(
-                nn.Embedding(max_queries, embed_dim) for _ in range(num_layers - 1)
-            )
-            self.rank_query_proj = nn.ModuleList(
-                nn.Linear(embed_dim, embed_dim) for _ in range(num_layers - 1)
-            )
-            self.rank_query_fuse = nn.ModuleList(
-                nn.Linear(2 * embed_dim, embed_dim) for _ in range(num_layers - 1)
-            )
+        add_rank_parts(
+            self,
+            num_layers=num_layers,
+            num_rows=max_queries,
+            num_classes=num_classes,
+            embed_dim=embed_dim,
+            rank_adaptive_head=rank_adaptive_head,
+            query_rank_layer=query_rank_layer,
+        )
         self.reset_parameters()
 
     @property

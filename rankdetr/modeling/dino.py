@@ -26,7 +26,7 @@ from torch import nn
 
 from rankdetr.layers.mlp import MLP
 from rankdetr.layers.position_encoding import PositionEmbeddingSine
-from rankdetr.modeling.criterion import SetCriterion
+from rankdetr.modeling.criterion import build_criterion
 from rankdetr.modeling.denoising import ContrastiveDenoising, DenoisingQueries
 from rankdetr.modeling.detector_base import (
     DeformableDetector,
@@ -36,7 +36,6 @@ from rankdetr.modeling.detector_base import (
 from rankdetr.modeling.dino_decoder import DINODecoder
 from rankdetr.modeling.encoder import DeformableEncoder
 from rankdetr.modeling.init import init_like_release_transformer
-from rankdetr.modeling.matcher import HungarianMatcher
 from rankdetr.modeling.rank_options import RankOptions
 from rankdetr.modeling.two_stage import grid_proposals, top_proposal_indices
 
@@ -186,27 +185,11 @@ class DINO(DeformableDetector):
             label_noise_ratio=label_noise_ratio,
             box_noise_scale=box_noise_scale,
         )
-        weights = {"class": 1.0, "bbox": 5.0, "giou": 2.0, **(loss_weights or {})}
-        costs = {"class": 2.0, "bbox": 5.0, "giou": 2.0, **(matching_costs or {})}
-        matcher = HungarianMatcher(
-            cost_class=costs["class"],
-            cost_bbox=costs["bbox"],
-            cost_giou=costs["giou"],
-            focal_alpha=focal_alpha,
-            focal_gamma=focal_gamma,
-            high_order_start=rank.hmc_start if rank.hmc else None,
-            high_order_power=rank.hmc_power,
-            high_order_quality=rank.hmc_quality,
-        )
-        self.criterion = SetCriterion(
+        self.criterion = build_criterion(
             num_classes=num_classes,
-            matcher=matcher,
-            weight_class=weights["class"],
-            weight_bbox=weights["bbox"],
-            weight_giou=weights["giou"],
-            classification_loss=rank.classification_loss,
-            quality_target=rank.gcl_target,
-            quality_power=rank.gcl_power,
+            rank=rank,
+            loss_weights={"class": 1.0, "bbox": 5.0, "giou": 2.0, **(loss_weights or {})},
+            matching_costs={"class": 2.0, "bbox": 5.0, "giou": 2.0, **(matching_costs or {})},
             focal_alpha=focal_alpha,
             focal_gamma=focal_gamma,
             encoder_class_agnostic=False,

@@ -25,7 +25,7 @@ from torch import nn
 from rankdetr.layers.mlp import MLP, inverse_sigmoid
 from rankdetr.layers.position_encoding import sine_embedding_of_boxes
 from rankdetr.modeling.checkpointing import run_layer
-from rankdetr.modeling.decoder import gather_queries
+from rankdetr.modeling.decoder import add_rank_parts, gather_queries
 from rankdetr.modeling.decoder_layer import DeformableDecoderLayer
 from rankdetr.modeling.init import init_like_release_transformer
 
@@ -84,22 +84,15 @@ class DINODecoder(nn.Module):
             nn.Linear(embed_dim, num_classes) for _ in range(num_layers)
         )
         self.box_heads = nn.ModuleList(MLP(embed_dim, embed_dim, 4, 3) for _ in range(num_layers))
-        self.rank_class_bias = None
-        if rank_adaptive_head:
-            self.rank_class_bias = nn.ModuleList(
-                nn.Embedding(num_queries, num_classes) for _ in range(num_layers)
-            )
-        self.rank_content_query = self.rank_query_proj = self.rank_query_fuse = None
-        if query_rank_layer:
-            self.rank_content_query = nn.ModuleList(
-                nn.Embedding(num_queries, embed_dim) for _ in range(num_layers - 1)
-            )
-            self.rank_query_proj = nn.ModuleList(
-                nn.Linear(embed_dim, embed_dim) for _ in range(num_layers - 1)
-            )
-            self.rank_query_fuse = nn.ModuleList(
-                nn.Linear(2 * embed_dim, embed_dim) for _ in range(num_layers - 1)
-            )
+        add_rank_parts(
+            self,
+            num_layers=num_layers,
+            num_rows=num_queries,
+            num_classes=num_classes,
+            embed_dim=embed_dim,
+            rank_adaptive_head=rank_adaptive_head,
+            query_rank_layer=query_rank_layer,
+        )
         self.reset_parameters()
 
     @property

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from rankdetr.layers.position_encoding import PositionEmbeddingSine
-from rankdetr.modeling.criterion import SetCriterion
+from rankdetr.modeling.criterion import build_criterion
 from rankdetr.modeling.decoder import RankDecoder
 from rankdetr.modeling.detector_base import (
     DeformableDetector,
@@ -24,7 +24,6 @@ from rankdetr.modeling.detector_base import (
     lift_outputs_to_float32,
 )
 from rankdetr.modeling.encoder import DeformableEncoder
-from rankdetr.modeling.matcher import HungarianMatcher
 from rankdetr.modeling.rank_options import RankOptions
 from rankdetr.modeling.two_stage import TwoStageProposals
 
@@ -120,28 +119,15 @@ class RankDETR(DeformableDetector):
             **sizes,
         )
         weights = {"class": 2.0, "bbox": 5.0, "giou": 2.0, **(loss_weights or {})}
-        matcher = HungarianMatcher(
-            cost_class=weights["class"],
-            cost_bbox=weights["bbox"],
-            cost_giou=weights["giou"],
-            focal_alpha=focal_alpha,
-            focal_gamma=focal_gamma,
-            high_order_start=rank.hmc_start if rank.hmc else None,
-            high_order_power=rank.hmc_power,
-            high_order_quality=rank.hmc_quality,
-        )
-        self.criterion = SetCriterion(
+        # The matching cost uses the loss weights (Deformable DETR / H-DETR).
+        self.criterion = build_criterion(
             num_classes=num_classes,
-            matcher=matcher,
-            weight_class=weights["class"],
-            weight_bbox=weights["bbox"],
-            weight_giou=weights["giou"],
-            weight_one2many=weight_one2many,
-            classification_loss=rank.classification_loss,
-            quality_target=rank.gcl_target,
-            quality_power=rank.gcl_power,
+            rank=rank,
+            loss_weights=weights,
+            matching_costs=weights,
             focal_alpha=focal_alpha,
             focal_gamma=focal_gamma,
+            weight_one2many=weight_one2many,
         )
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(3, 1, 1), False)
