@@ -1,6 +1,6 @@
 """The demo: a small Rank-DETR (ResNet-18 from scratch, 2+3 transformer layers, 50 + 150
 queries) trained and evaluated on the bundled shapes dataset, on a CPU: 1300 iterations of batch
-4, 4.5 to 11.5 minutes on 2 cores, AP 54.6 on shapes_val (measured figures in the README).
+4, 4.5 to 11.5 minutes on 2 cores, AP 52.0-54.6 on shapes_val (measured figures in the README).
 
     make demo        # = tools/train_net.py --config-file configs/demo/rank_detr_r18_shapes.py
 """
