@@ -9,10 +9,9 @@ two-stage proposals. Every tensor is mapped, or the error names those that are n
 
 from __future__ import annotations
 
-import re
-
 from rankdetr.checkpoint.release import _RULES as _TRANSFORMER_LAYER_RULES
 from rankdetr.checkpoint.release import (
+    _rename,
     describe_release_checkpoint,
     release_decoder_depth,
     rename_detrex_state_dict,
@@ -27,7 +26,6 @@ _RULES = [
     (r"^label_enc\.", "label_embedding."),
     *_TRANSFORMER_LAYER_RULES,
 ]
-_HEAD = re.compile(r"^transformer\.decoder\.(class_embed|bbox_embed)\.(\d+)\.(.*)$")
 _RELEASE_ONLY = ("transformer.pos_trans.", "query_embedding.", "rank_adaptive_classhead_emb.")
 
 
@@ -74,7 +72,7 @@ def convert_dino_state_dict(state_dict: dict, num_decoder_layers: int | None = N
         )
     return rename_detrex_state_dict(
         state_dict,
-        lambda name: None if name.startswith(_RELEASE_ONLY) else _rename(name, depth),
+        lambda name: None if name.startswith(_RELEASE_ONLY) else _rename(name, depth, _RULES),
         "DINO",
         _release_hint,
     )
@@ -84,18 +82,3 @@ def _release_hint(unknown: list[str]) -> str:
     if any(name.startswith(_RELEASE_ONLY) for name in unknown):
         return " (this looks like a Rank-DETR release checkpoint: use convert_release_state_dict)"
     return ""
-
-
-def _rename(name: str, depth: int) -> str | None:
-    head = _HEAD.match(name)
-    if head:
-        kind, index, rest = head.group(1), int(head.group(2)), head.group(3)
-        ours = {"class_embed": "class_head", "bbox_embed": "box_head"}[kind]
-        if index == depth:
-            return f"proposals.{ours}.{rest}"
-        return f"decoder.{ours}s.{index}.{rest}"
-    for pattern, replacement in _RULES:
-        new, count = re.subn(pattern, replacement, name)
-        if count:
-            return new
-    return None

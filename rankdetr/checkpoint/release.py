@@ -183,8 +183,9 @@ def describe_release_checkpoint(state_dict: dict) -> dict:
     }
 
 
-def _rename(name: str, num_decoder_layers: int) -> str | None:
-    """Our name for a release tensor, or None when no rule maps it."""
+def _rename(name: str, num_decoder_layers: int, rules=_RULES) -> str | None:
+    """Our name for a detrex-layout tensor (the release's `rules`, or a converter's own), or
+    None when no rule maps it. Head `num_decoder_layers` belongs to the two-stage proposals."""
     head = _HEAD.match(name)
     if head:
         kind, index, rest = head.group(1), int(head.group(2)), head.group(3)
@@ -192,7 +193,7 @@ def _rename(name: str, num_decoder_layers: int) -> str | None:
         if index == num_decoder_layers:
             return f"proposals.{ours}.{rest}"
         return f"decoder.{ours}s.{index}.{rest}"
-    for pattern, replacement in _RULES:
+    for pattern, replacement in rules:
         new, count = re.subn(pattern, replacement, name)
         if count:
             return new
