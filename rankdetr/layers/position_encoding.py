@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from rankdetr.layers.dtypes import lift_to_float32
+from rankdetr.layers.dtypes import at_least_float32, lift_to_float32
 
 __all__ = ["PositionEmbeddingSine", "sine_embedding_of_boxes"]
 
@@ -17,6 +17,12 @@ class PositionEmbeddingSine(nn.Module):
 
     For channel pair i, position x gets (sin(x / T^(2i/F)), cos(x / T^(2i/F))); with `normalize`,
     positions are ((index + 1) + offset) / (valid extent + eps) * scale.
+
+    Precision: the table is computed in the dtype it is asked for, float32 by default (as in
+    Deformable DETR and the original release, for float32, bf16 and fp16 runs alike) and float64
+    in float64 runs. A float32 table differs between CPUs in its last bit (float32 sin, cos and
+    pow go through MKL's vector math, whose code path is chosen per CPU), which would move a
+    float64 run's outputs by ~1e-8; in float64 they agree to float64 rounding on every CPU.
     """
 
     def __init__(
@@ -44,9 +50,12 @@ class PositionEmbeddingSine(nn.Module):
         self.offset = offset
         self.eps = eps
 
-    def forward(self, padding_mask: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) bool, True at padding -> (B, 2 * F, H, W) float32."""
-        valid = (~padding_mask).to(torch.float32)
+    def forward(
+        self, padding_mask: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """(B, H, W) bool, True at padding -> (B, 2 * F, H, W) in `dtype` lifted to at least
+        float32 (pass the features' dtype: a float64 run gets a float64 table)."""
+        valid = (~padding_mask).to(at_least_float32(dtype))
         y = valid.cumsum(1)
         x = valid.cumsum(2)
         if self.normalize:
@@ -62,10 +71,12 @@ def _interleaved_sin_cos(
 ) -> torch.Tensor:
     """(...) -> (..., channels): sin at even channels, cos at odd, wavelength per pair.
 
-    The wavelengths are a float32 table, as in Deformable DETR and the original release; the
-    angles take the positions' dtype (float32, or float64 for float64 positions).
+    The wavelengths take the positions' dtype lifted to at least float32: a float32 table for
+    float32 positions, as in Deformable DETR and the original release, and a float64 one for
+    float64 positions (a float32 table's last bit depends on the CPU's vector math).
     """
-    pair = torch.arange(channels, dtype=torch.float32, device=positions.device) // 2
+    dtype = at_least_float32(positions.dtype)
+    pair = torch.arange(channels, dtype=dtype, device=positions.device) // 2
     wavelengths = temperature ** (2 * pair / channels)
     angles = positions[..., None] / wavelengths
     return torch.stack([angles[..., 0::2].sin(), angles[..., 1::2].cos()], dim=-1).flatten(-2)
@@ -82,7 +93,8 @@ def sine_embedding_of_boxes(
     This is the two-stage proposal embedding of Deformable DETR (its input to `pos_trans`), in
     the order (cx, cy, w, h). DINO's query positions embed the same way in the order
     (cy, cx, w, h) (`exchange_xy`), as its released weights expect.
-    Half-precision boxes are embedded in float32, float64 boxes in float64.
+    Half-precision boxes are embedded in float32, float64 boxes in float64 (frequency table
+    included).
     """
     scaled = lift_to_float32(boxes) * (2 * math.pi)
     parts = [_interleaved_sin_cos(scaled[..., i], num_pos_feats, temperature) for i in range(4)]

@@ -16,7 +16,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
 from rankdetr.layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
-from rankdetr.layers.dtypes import lift_to_float32
+from rankdetr.layers.dtypes import at_least_float32, lift_to_float32
 from rankdetr.modeling.rank_options import RankOptions
 
 __all__ = ["DeformableDetector", "as_rank_options", "lift_outputs_to_float32"]
@@ -45,11 +45,19 @@ class DeformableDetector(nn.Module):
 
     def flatten_levels(self, features: list[torch.Tensor], padding_mask: torch.Tensor):
         """Levels (N, C, h_l, w_l) -> src (N, S, C), pos (N, S, C) with level embeddings,
-        mask (N, S), spatial_shapes (L, 2), level_start_index (L,), valid_ratios (N, L, 2)."""
+        mask (N, S), spatial_shapes (L, 2), level_start_index (L,), valid_ratios (N, L, 2).
+
+        The position embeddings and valid ratios are computed in the features' dtype lifted to
+        at least float32: float32 for float32, bf16 and fp16 runs (the release's numerics),
+        float64 for float64 runs, so that those agree to float64 rounding on every CPU."""
+        table_dtype = at_least_float32(features[0].dtype)
         srcs, poss, masks, shapes = [], [], [], []
         for level, feature in enumerate(features):
-            mask = F.interpolate(padding_mask[None].float(), size=feature.shape[-2:])[0].bool()
-            pos = self.position_embedding(mask).to(feature.dtype)
+            # Nearest resizing of a 0/1 mask is exact in any dtype; the table's avoids a float32
+            # copy in float64 runs.
+            resized = F.interpolate(padding_mask[None].to(table_dtype), size=feature.shape[-2:])
+            mask = resized[0].bool()
+            pos = self.position_embedding(mask, table_dtype).to(feature.dtype)
             srcs.append(feature.flatten(2).transpose(1, 2))
             poss.append(pos.flatten(2).transpose(1, 2) + self.level_embeds[level])
             masks.append(mask.flatten(1))
@@ -57,7 +65,9 @@ class DeformableDetector(nn.Module):
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=padding_mask.device)
         sizes = spatial_shapes.prod(1)
         level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
-        valid_ratios = torch.stack([_valid_ratio(m.view(-1, *s)) for m, s in zip(masks, shapes)], 1)
+        valid_ratios = torch.stack(
+            [_valid_ratio(m.view(-1, *s), table_dtype) for m, s in zip(masks, shapes)], 1
+        )
         return (
             torch.cat(srcs, 1),
             torch.cat(poss, 1),
@@ -113,11 +123,13 @@ class DeformableDetector(nn.Module):
         return results
 
 
-def _valid_ratio(mask: torch.Tensor) -> torch.Tensor:
-    """(N, h, w) padding mask -> (N, 2) unpadded fraction (w, h)."""
+def _valid_ratio(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, h, w) padding mask -> (N, 2) unpadded fraction (w, h) in `dtype`: float32 as in the
+    release, float64 in float64 runs (the encoder's reference points and the decoders' valid
+    ratios follow this dtype)."""
     _, h, w = mask.shape
-    valid_h = (~mask[:, :, 0]).sum(1).float() / h
-    valid_w = (~mask[:, 0, :]).sum(1).float() / w
+    valid_h = (~mask[:, :, 0]).sum(1).to(dtype) / h
+    valid_w = (~mask[:, 0, :]).sum(1).to(dtype) / w
     return torch.stack([valid_w, valid_h], -1)
 
 

@@ -76,7 +76,7 @@ class DINOProposals(nn.Module):
             proposals (for the encoder loss), and "reference_boxes" (N, Q, 4), the same boxes
             detached (the decoder's initial boxes), best proposal first.
         """
-        proposals, valid = grid_proposals(padding_mask, spatial_shapes)
+        proposals, valid = grid_proposals(padding_mask, spatial_shapes, dtype=memory.dtype)
         features = self.memory_norm(self.memory_proj(memory.masked_fill(~valid[..., None], 0.0)))
         logits = self.class_head(features)
         box_logits = self.box_head(features) + proposals

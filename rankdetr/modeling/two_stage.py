@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from rankdetr.layers.dtypes import at_least_float32
 from rankdetr.layers.mlp import MLP
 from rankdetr.layers.position_encoding import sine_embedding_of_boxes
 from rankdetr.modeling.init import init_like_release_transformer
@@ -21,7 +22,10 @@ __all__ = ["TwoStageProposals", "grid_proposals", "top_proposal_indices"]
 
 
 def grid_proposals(
-    padding_mask: torch.Tensor, spatial_shapes: torch.Tensor, base_size: float = 0.05
+    padding_mask: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    base_size: float = 0.05,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One box per encoder position, normalised by the unpadded size of its image.
 
@@ -29,20 +33,24 @@ def grid_proposals(
         padding_mask: (N, S) bool, True at padding.
         spatial_shapes: (L, 2) int64 (h, w).
         base_size: width and height of level-0 boxes; level l uses base_size * 2^l.
+        dtype: of the grid and its logits, lifted to at least float32. Pass the encoder
+            memory's dtype: float32, bf16 and fp16 runs get the release's float32 grid, float64
+            runs a float64 one (float32 `log` differs between CPUs in its last bit).
 
     Returns:
         proposals (N, S, 4) as logits of (cx, cy, w, h) (+inf where invalid), and
         valid (N, S) bool: not padding and all coordinates inside (0.01, 0.99).
     """
     n = padding_mask.shape[0]
+    dtype = at_least_float32(dtype)
     boxes, start = [], 0
     for level, (h, w) in enumerate(spatial_shapes.tolist()):
         mask = padding_mask[:, start : start + h * w].view(n, h, w)
-        valid_h = (~mask[:, :, 0]).sum(1).clamp(min=1).to(torch.float32)
-        valid_w = (~mask[:, 0, :]).sum(1).clamp(min=1).to(torch.float32)
+        valid_h = (~mask[:, :, 0]).sum(1).clamp(min=1).to(dtype)
+        valid_w = (~mask[:, 0, :]).sum(1).clamp(min=1).to(dtype)
         ys, xs = torch.meshgrid(
-            torch.arange(h, dtype=torch.float32, device=padding_mask.device) + 0.5,
-            torch.arange(w, dtype=torch.float32, device=padding_mask.device) + 0.5,
+            torch.arange(h, dtype=dtype, device=padding_mask.device) + 0.5,
+            torch.arange(w, dtype=dtype, device=padding_mask.device) + 0.5,
             indexing="ij",
         )
         cx = xs.reshape(1, -1) / valid_w[:, None]
@@ -101,7 +109,7 @@ class TwoStageProposals(nn.Module):
               "reference_boxes": (N, Q, 4) the top-Q refined proposals, detached,
               "query_pos": (N, Q, C) their positional queries.
         """
-        proposals, valid = grid_proposals(padding_mask, spatial_shapes)
+        proposals, valid = grid_proposals(padding_mask, spatial_shapes, dtype=memory.dtype)
         features = memory.masked_fill(~valid[..., None], 0.0)
         features = self.memory_norm(self.memory_proj(features))
         enc_logits = self.class_head(features)
