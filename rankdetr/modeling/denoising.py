@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from rankdetr.layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from rankdetr.layers.dtypes import at_least_float32
 from rankdetr.layers.mlp import inverse_sigmoid
 
 __all__ = ["ContrastiveDenoising", "DenoisingQueries", "denoising_attention_mask"]
@@ -134,7 +135,11 @@ class ContrastiveDenoising:
             return None
         num_groups = max(1, self.dn_number // most)
         labels = torch.cat([t["labels"] for t in targets])
-        boxes = torch.cat([t["boxes"] for t in targets])
+        weight = label_embedding.weight
+        # The targets are float32 (detectron2's Boxes); the noise and the box logits are computed
+        # in the model's dtype: float32 as in DINO (also under autocast, whose parameters stay
+        # float32), float64 in a float64 run, where a float32 `log` would differ between CPUs.
+        boxes = torch.cat([t["boxes"] for t in targets]).to(at_least_float32(weight.dtype))
         copies = 2 * num_groups  # blocks of all targets: positive, negative, positive, ...
         noisy_labels = self.noised_labels(labels.repeat(copies))
         negative = torch.arange(copies, device=boxes.device).repeat_interleave(len(boxes)) % 2 == 1
@@ -149,7 +154,6 @@ class ContrastiveDenoising:
         batch_index, slot = batch_index.to(boxes.device), slot.to(boxes.device)
 
         num_denoising = copies * most
-        weight = label_embedding.weight
         label_queries = weight.new_zeros(len(targets), num_denoising, weight.shape[1])
         box_logits = boxes.new_zeros(len(targets), num_denoising, 4)
         label_queries[batch_index, slot] = label_embedding(noisy_labels)
@@ -181,6 +185,8 @@ class ContrastiveDenoising:
         return box_xyxy_to_cxcywh(corners.clamp(0.0, 1.0))
 
     def _rand(self, shape, device) -> torch.Tensor:
+        """Uniform float32 draws in every run (DINO's random stream); a float64 run lifts them
+        exactly."""
         if self.generator is None:
             return torch.rand(shape, device=device)
         return torch.rand(shape, generator=self.generator, device=self.generator.device).to(device)

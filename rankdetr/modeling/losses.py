@@ -60,7 +60,10 @@ def giou_aware_focal_loss(
     target = torch.where(positive, quality.to(logits.dtype), torch.zeros_like(logits))
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     modulation = torch.where(positive, (target - prob).abs().pow(gamma), prob.pow(gamma))
-    return torch.where(positive, alpha, 1 - alpha) * modulation * bce
+    # The weights in the logits' dtype: Python scalars would make a float32 table, which would
+    # round alpha to float32 in a float64 run.
+    weight = torch.where(positive, logits.new_tensor(alpha), logits.new_tensor(1 - alpha))
+    return weight * modulation * bce
 
 
 def varifocal_loss(
