@@ -32,10 +32,12 @@ from rankdetr.data.synthetic import (
     generate_shapes_dataset,
     shapes_split_paths,
 )
+from rankdetr.data.training_boxes import LoadSummary, remember_load
 from rankdetr.errors import UserError
 
 __all__ = [
     "DatasetFormatError",
+    "check_annotation_integrity",
     "default_shapes_root",
     "load_coco_json_checked",
     "UnknownDatasetError",
@@ -208,12 +210,14 @@ def load_coco_json_checked(
     """Load a COCO instances JSON as detectron2 dataset dicts, validating it first.
 
     Errors (raised): a missing JSON (FileNotFoundError); invalid JSON, named with line and column,
-    or a file that is not UTF-8 text; missing top-level or per-entry keys, named; duplicate ids;
-    ids that are not integers or strings; empty or non-string file names; non-positive image
-    sizes; 'iscrowd' other than 0 / 1; annotations of unknown images or categories, with the
-    unknown ids (DatasetFormatError); a
-    missing image folder or image files, named (FileNotFoundError; `check_image_files=False` skips
-    the file check, e.g. for remote storage).
+    or a file that is not UTF-8 text; missing top-level or per-entry keys, named; no images;
+    duplicate image or category ids; ids that are not integers or strings; empty or non-string
+    file names; non-positive image sizes; 'iscrowd' other than 0 / 1; annotations of unknown
+    categories, with the unknown ids; what pycocotools would evaluate wrongly: duplicate
+    annotation ids (named with their counts), annotations of unknown images, a negative 'area'
+    (:func:`check_annotation_integrity`) (all DatasetFormatError); a missing image folder or
+    image files, named (FileNotFoundError; `check_image_files=False` skips the file check, e.g.
+    for remote storage).
 
     Skipped (logged as a warning with the count per reason): annotations whose box is not 4
     finite numbers, has non-positive width or height, or lies entirely outside its image. Boxes
@@ -238,7 +242,8 @@ def load_coco_json_checked(
         _check_entries(data[section], section, keys, label)
     id_map, class_names = _category_mapping(data["categories"], label)
     images = _images_by_id(data["images"], label)
-    _check_references(data["annotations"], images, id_map, label)
+    _check_references(data["annotations"], id_map, label)
+    check_annotation_integrity(data, label)
     if dataset_name:
         _set_class_metadata(dataset_name, id_map, class_names, label)
     if check_image_files:
@@ -310,6 +315,8 @@ def _category_mapping(categories: list[dict], label: str) -> tuple[dict[int, int
 
 
 def _images_by_id(images: list[dict], label: str) -> dict:
+    if not images:  # nothing to train on or evaluate; detectron2 would only assert
+        raise DatasetFormatError(f"{label}: 'images' is empty")
     by_id = {}
     for image in images:
         if not isinstance(image["id"], (int, str)) or isinstance(image["id"], bool):
@@ -337,7 +344,7 @@ def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _check_references(annotations: list[dict], images: dict, id_map: dict, label: str) -> None:
+def _check_references(annotations: list[dict], id_map: dict, label: str) -> None:
     unhashable = [a["category_id"] for a in annotations if not _hashable(a["category_id"])]
     unhashable += [a["image_id"] for a in annotations if not _hashable(a["image_id"])]
     if unhashable:
@@ -360,18 +367,82 @@ def _check_references(annotations: list[dict], images: dict, id_map: dict, label
             f"{sorted(unknown_categories, key=str)} that 'categories' does not define "
             f"(known: {sorted(id_map)})"
         )
-    unknown_images = Counter(a["image_id"] for a in annotations if a["image_id"] not in images)
-    if unknown_images:
-        examples = sorted(unknown_images, key=str)[:MAX_EXAMPLES]
-        raise DatasetFormatError(
-            f"{label}: {sum(unknown_images.values())} annotation(s) refer to image id(s) that "
-            f"'images' does not define, e.g. {examples}"
-        )
 
 
 def _hashable(value) -> bool:
     # JSON lists and objects cannot be ids (and would break the lookups below).
     return not isinstance(value, (list, dict))
+
+
+def check_annotation_integrity(data: Mapping, label: str) -> None:
+    """Refuse a COCO dict whose annotations pycocotools would evaluate wrongly without a word.
+
+    pycocotools indexes annotations by `id` (of two annotations sharing one, evaluation counts
+    one twice and loses the other), files them under their `image_id`, and leaves ground truth
+    whose `area` is negative out of every area range. So: annotation ids are unique, every
+    `image_id` is an image of `images`, and a numeric `area` is >= 0 (a missing one is fine).
+    The training loader and the evaluator both run this check, on the same file.
+
+    Raises:
+        DatasetFormatError: naming `label` (the file), the offending ids and their counts.
+    """
+    annotations = data.get("annotations") or []
+    _check_unique_annotation_ids(annotations, label)
+    image_ids = {
+        image.get("id") for image in data.get("images") or [] if _hashable(image.get("id"))
+    }
+    _check_image_ids_exist(annotations, image_ids, label)
+    _check_areas(annotations, label)
+
+
+def _check_unique_annotation_ids(annotations: list[dict], label: str) -> None:
+    ids = [annotation.get("id") for annotation in annotations]
+    unhashable = [value for value in ids if not _hashable(value)]
+    if unhashable:
+        raise DatasetFormatError(
+            f"{label}: annotation ids must be integers or strings, got e.g. "
+            f"{unhashable[:MAX_EXAMPLES]}"
+        )
+    # Counter keeps the order of first appearance: the first duplicate in the file is named.
+    shared = [(value, count) for value, count in Counter(ids).items() if count > 1]
+    if not shared:
+        return
+    value, count = shared[0]
+    others = ""
+    if len(shared) > 1:
+        examples = ", ".join(f"{v!r} ({n}x)" for v, n in shared[1 : MAX_EXAMPLES + 1])
+        others = f"; {len(shared) - 1} more id(s) are shared too, e.g. {examples}"
+    raise DatasetFormatError(
+        f"{label}: annotation id {value!r} is used by {count} annotations{others}. "
+        "pycocotools indexes annotations by id, so evaluation would count one of them several "
+        "times and lose the others: give every annotation its own id"
+    )
+
+
+def _check_image_ids_exist(annotations: list[dict], image_ids: set, label: str) -> None:
+    # Unhashable image ids were refused before (by the loader, or by pycocotools' own index).
+    referenced = (annotation.get("image_id") for annotation in annotations)
+    unknown = Counter(v for v in referenced if _hashable(v) and v not in image_ids)
+    if unknown:
+        examples = sorted(unknown, key=str)[:MAX_EXAMPLES]
+        raise DatasetFormatError(
+            f"{label}: {sum(unknown.values())} annotation(s) refer to image id(s) that "
+            f"'images' does not define, e.g. {examples}"
+        )
+
+
+def _check_areas(annotations: list[dict], label: str) -> None:
+    negative = [a.get("id") for a in annotations if _is_number(a.get("area")) and a["area"] < 0]
+    if negative:
+        raise DatasetFormatError(
+            f"{label}: {len(negative)} annotation(s) have a negative 'area', e.g. id(s) "
+            f"{negative[:MAX_EXAMPLES]}; pycocotools would leave them out of the evaluation. "
+            "'area' must be >= 0 (the object's area in pixels), or left out"
+        )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _set_class_metadata(name: str, id_map: dict, class_names: list[str], label: str) -> None:
@@ -435,7 +506,25 @@ def _dataset_dicts(
         )
     _log_box_outcomes(outcomes, len(annotations), label)
     logger.info("%s: %d images, %d annotations", label, len(records), len(annotations))
-    return list(records.values())
+    dataset_dicts = list(records.values())
+    remember_load(_load_summary(dataset_dicts, outcomes, len(annotations), label))
+    return dataset_dicts
+
+
+def _load_summary(
+    dataset_dicts: list[dict], outcomes: Counter, total: int, label: str
+) -> LoadSummary:
+    """What training will need to explain an empty result (see rankdetr.data.training_boxes)."""
+    skipped = _skipped(outcomes)
+    crowd = sum(a["iscrowd"] for record in dataset_dicts for a in record["annotations"])
+    return LoadSummary(
+        label=label,
+        num_images=len(dataset_dicts),
+        num_annotations=total,
+        skipped=skipped,
+        crowd=crowd,
+        first_record=dataset_dicts[0] if dataset_dicts else None,
+    )
 
 
 def _checked_box(bbox, width: int, height: int) -> tuple[list[float] | None, str]:
@@ -463,8 +552,13 @@ def _is_four_numbers(bbox) -> bool:
     )
 
 
+def _skipped(outcomes: Counter) -> dict[str, int]:
+    """The counts of the skip reasons among the box outcomes ("ok" and "clipped" are kept)."""
+    return {reason: n for reason, n in outcomes.items() if reason not in ("ok", "clipped")}
+
+
 def _log_box_outcomes(outcomes: Counter, total: int, label: str) -> None:
-    skipped = {reason: n for reason, n in outcomes.items() if reason not in ("ok", "clipped")}
+    skipped = _skipped(outcomes)
     if skipped:
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
         logger.warning(

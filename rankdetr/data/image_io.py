@@ -4,7 +4,8 @@
 grayscale, palette, CMYK and 16-bit files are converted to 3 channels, RGBA and LA lose their
 alpha, and the EXIF orientation is applied (as detectron2's reader does, so that the size agrees
 with what COCO tools record). A missing or unreadable file raises an error that names the file
-and the dataset entry it belongs to.
+and the dataset entry it belongs to. :func:`check_decoded_size` compares the decoded size with the
+dataset's, naming the file, both sizes and the EXIF orientation when they differ.
 """
 
 from __future__ import annotations
@@ -12,11 +13,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from detectron2.data.detection_utils import SizeMismatchError
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from rankdetr.errors import UserError
 
-__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "ImageReadError", "read_image"]
+__all__ = [
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "ImageReadError",
+    "ImageSizeError",
+    "check_decoded_size",
+    "exif_orientation",
+    "read_image",
+]
 
 # Pillow's own limit (about 89.5 M pixels, ~0.27 GB as RGB): images above the limit are refused
 # before their pixels are decoded (a 10000x10000 PNG would cost about 2.5 GB while decoding).
@@ -25,10 +34,28 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 IMAGE_FORMATS = ("RGB", "BGR")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+_EXIF_ORIENTATION_TAG = 0x0112
+# What each EXIF orientation asks a viewer to do with the stored pixels (5 to 8 swap the sides).
+_ORIENTATIONS = {
+    1: "none",
+    2: "mirror",
+    3: "rotate 180 degrees",
+    4: "flip vertically",
+    5: "mirror and rotate 90 degrees",
+    6: "rotate 90 degrees clockwise",
+    7: "mirror and rotate 270 degrees",
+    8: "rotate 90 degrees counter-clockwise",
+}
+_SWAPS_SIDES = (5, 6, 7, 8)
 
 
 class ImageReadError(OSError, UserError):
     """An image file that exists but cannot be decoded; the message names the file."""
+
+
+class ImageSizeError(SizeMismatchError, UserError):
+    """A decoded image whose size is not the dataset's; names the file, both sizes and the EXIF
+    orientation (a detectron2 SizeMismatchError, so code that catches that still does)."""
 
 
 def read_image(
@@ -96,3 +123,61 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")  # then drop alpha: the pixels' colour, not a blend
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def exif_orientation(file_name: str | Path) -> int | None:
+    """The EXIF orientation tag of an image file (1 to 8), or None when it has none or cannot be
+    read."""
+    try:
+        with Image.open(file_name) as image:
+            value = image.getexif().get(_EXIF_ORIENTATION_TAG)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def check_decoded_size(dataset_dict: dict, image: np.ndarray, entry: str | None = None) -> None:
+    """Refuse an image (as :func:`read_image` decoded it) whose size is not the dataset dict's
+    width x height; a dict without a size is not checked.
+
+    The usual cause is a rotated camera JPEG: the reader applies the EXIF orientation, as COCO
+    tools do when they record the size, but some tools write the stored (unrotated) size. The
+    message names the file, both sizes and the orientation.
+
+    Raises:
+        ImageSizeError: the sizes differ.
+    """
+    if "width" not in dataset_dict and "height" not in dataset_dict:
+        return
+    decoded = (image.shape[1], image.shape[0])
+    expected = (dataset_dict.get("width"), dataset_dict.get("height"))
+    if decoded == expected:
+        return
+    file_name = dataset_dict.get("file_name", "?")
+    where = f" ({entry})" if entry else ""
+    raise ImageSizeError(
+        # detectron2's opening words, which users and tests search for, then what it lacks.
+        f"Mismatched image shape for image {file_name}{where}: the dataset gives its size as "
+        f"{_size(expected)} (width x height), but the image decodes to {_size(decoded)}; "
+        f"{_orientation_hint(file_name, decoded, expected)}"
+    )
+
+
+def _size(width_height: tuple) -> str:
+    return f"{width_height[0]}x{width_height[1]}"
+
+
+def _orientation_hint(file_name, decoded: tuple[int, int], expected: tuple) -> str:
+    """What the EXIF orientation explains of a size mismatch, and how to fix the JSON."""
+    orientation = exif_orientation(file_name)
+    fix = f"set width={decoded[0]}, height={decoded[1]} in the annotation file"
+    if orientation is None:
+        return f"the file has no EXIF orientation: {fix}"
+    applied = f"EXIF orientation {orientation} ({_ORIENTATIONS.get(orientation, 'unknown')})"
+    stored = decoded[::-1] if orientation in _SWAPS_SIDES else decoded
+    if tuple(expected) == stored:
+        return (
+            f"that is the file's stored size, before its {applied} is applied (COCO tools "
+            f"record the size as displayed): {fix}, or remove the orientation from the file"
+        )
+    return f"the decoded size includes its {applied}: {fix}"

@@ -14,8 +14,9 @@ width are each in 384..600, then resize as before. Evaluation resizes the shorte
 
 Beyond detrex: images are read by rankdetr's reader (missing or unreadable files and images above
 `max_image_pixels` are named in the error; grayscale, palette, 16-bit and RGBA files become 3
-channels), integer boxes are not truncated by the resizes, and annotated evaluation images keep
-their instances (the analysis tools compare detections with them).
+channels; a size other than the dataset's is named with the EXIF orientation), integer boxes
+are not truncated by the resizes, and annotated evaluation images keep their instances (the
+analysis tools compare detections with them).
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ import torch
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from rankdetr.data.image_io import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_FORMATS, read_image
+from rankdetr.data.image_io import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_FORMATS,
+    check_decoded_size,
+    read_image,
+)
 
 __all__ = ["DetrDatasetMapper"]
 
@@ -119,13 +125,10 @@ class DetrDatasetMapper:
 
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = copy.deepcopy(dataset_dict)  # the loader hands out the same dicts each epoch
-        image = read_image(
-            dataset_dict["file_name"],
-            self.img_format,
-            f"image_id {dataset_dict.get('image_id')}",
-            self.max_image_pixels,
-        )
-        utils.check_image_size(dataset_dict, image)
+        entry = f"image_id {dataset_dict.get('image_id')}"
+        image = read_image(dataset_dict["file_name"], self.img_format, entry, self.max_image_pixels)
+        # Not detectron2's check_image_size: it names neither the EXIF orientation nor the fix.
+        check_decoded_size(dataset_dict, image, entry)
         original_height, original_width = image.shape[:2]
         augmented = T.AugInput(image)
         transforms = T.AugmentationList(self._choose_augmentation())(augmented)
