@@ -15,21 +15,53 @@ line naming the problem (exit status 1); RANKDETR_TRACEBACK=1 shows the whole tr
 from detectron2.engine import default_argument_parser, default_setup, launch
 
 from rankdetr.engine.checkpoint import load_for_evaluation
-from rankdetr.engine.runner import build_model, do_test, do_train, load_config, use_ema_weights
+from rankdetr.engine.run_lock import hold_output_dir
+from rankdetr.engine.runner import (
+    build_model,
+    check_num_classes,
+    do_test,
+    do_train,
+    load_config,
+    use_ema_weights,
+)
 from rankdetr.errors import report_user_errors
 
 
 def main(args) -> None:
+    """One process's run: train (or, with --eval-only, evaluate) with train.output_dir held.
+
+    The folder's lock is taken first, before detectron2's default_setup writes `config.yaml` and
+    `log.txt` there, so a run refused because another one holds the folder changes none of its
+    files (do_train's own lock is then a no-op). --eval-only takes the same lock, not a separate
+    evaluation lock: it writes the same `config.yaml` and `log.txt`, and its results go to the
+    same `inference/` files the training run's evaluations write, so an evaluation beside a live
+    training run would replace the config the figure tools and sweeps read and race with its
+    evaluations; evaluate a running training into another train.output_dir instead. In a launch
+    of several processes only the main one locks; the others wait for it (hold_output_dir).
+    """
     cfg = load_config(args.config_file, args.opts)
-    default_setup(cfg, args)
-    if args.eval_only:
-        model = build_model(cfg)
-        # The checkpoint's EMA weights when it holds them (train.model_ema switch), as detrex.
-        load_for_evaluation(model, cfg.train.init_checkpoint, use_ema_weights(cfg))
-        model.eval()
-        do_test(cfg, model)
-        return
-    do_train(cfg, resume=args.resume)
+    with hold_output_dir(cfg.train.output_dir):
+        default_setup(cfg, args)
+        if args.eval_only:
+            evaluate(cfg)
+        else:
+            do_train(cfg, resume=args.resume)
+
+
+def evaluate(cfg) -> dict:
+    """--eval-only: train.init_checkpoint on the test data, its EMA weights when it holds them
+    (train.model_ema switch), as detrex.
+
+    model.num_classes (None: the training data's, as for training) is checked against the test
+    data before the inference, so that a mismatch is one line naming both numbers, not an
+    evaluator's error after the whole inference. The checkpoint is loaded first, so that one
+    trained for another class count is refused naming its file.
+    """
+    model = build_model(cfg)
+    load_for_evaluation(model, cfg.train.init_checkpoint, use_ema_weights(cfg))
+    check_num_classes(cfg, "test")
+    model.eval()
+    return do_test(cfg, model)
 
 
 def parse_args(argv=None):

@@ -207,12 +207,15 @@ _TRAIN_COUNTS = (
     ("train.eval_period", 0),
     ("train.log_period", 1),
 )
+# The same for the data: a batch of 0 images would fail deep inside detectron2's loader.
+_DATA_COUNTS = (("dataloader.train.total_batch_size", 1),)
 
 
 def check_train_values(cfg: DictConfig) -> None:
     """The train node's iteration counts and periods are integers in range (0 for eval_period
-    means no evaluation during training), so a bad value is one line before anything starts."""
-    for key, smallest in _TRAIN_COUNTS:
+    means no evaluation during training), and so is dataloader.train.total_batch_size, so a bad
+    value is one line before anything starts."""
+    for key, smallest in _TRAIN_COUNTS + _DATA_COUNTS:
         if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
             continue
         value = OmegaConf.select(cfg, key)

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import torch
+import yaml
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import hooks
@@ -35,13 +36,14 @@ from rankdetr.engine.config_checks import (
     new_name_of,
 )
 from rankdetr.engine.hooks import EMAHook, SeedHook, TrainingProgressHook
-from rankdetr.engine.run_lock import run_lock
+from rankdetr.engine.run_lock import hold_output_dir
 from rankdetr.engine.trainer import RankDETRTrainer
 
 __all__ = [
     "ConfigError",
     "apply_fast_dev_run",
     "load_config",
+    "load_yaml_config",
     "use_ema_weights",
     "build_model",
     "do_test",
@@ -56,16 +58,147 @@ def load_config(config_file: str, overrides: list[str]) -> DictConfig:
     """LazyConfig.load + overrides, refusing a missing file, old key names, overrides of keys
     the config does not have (with close matches) and values of the wrong type (see
     :mod:`rankdetr.engine.config_checks`); then train.fast_dev_run. Every problem is a
-    ConfigError naming it."""
+    ConfigError naming it. A .yaml config is read as plain data only (:func:`load_yaml_config`):
+    it runs no code."""
     if not Path(config_file).is_file():
         raise ConfigError(f"config file not found: {config_file}")
     try:
-        cfg = LazyConfig.load(config_file)
+        cfg = _read_config_file(config_file)
+    except ConfigError:  # already names the file and the problem
+        raise
     except (AttributeError, KeyError) as error:  # e.g. `train.ema.enabled = True` in the file
         _refuse_old_name_in_file(error, config_file)
         raise
     check_renamed_keys(cfg, config_file)
     return apply_fast_dev_run(apply_checked_overrides(cfg, overrides))
+
+
+# --- reading a config file: a .py config is code by design, a .yaml config is data ---------
+
+_YAML_SUFFIXES = (".yaml", ".yml")
+# The callables a .yaml config may name as `_target_`: this project's and the model, data,
+# optimiser and schedule parts of the libraries that detrex-style configs build from. A plain
+# string `_target_: os.system` would otherwise run code as soon as the config is instantiated.
+YAML_TARGET_MODULES = (
+    "rankdetr.",
+    "detectron2.data.",
+    "detectron2.evaluation.",
+    "detectron2.layers.",
+    "detectron2.modeling.",
+    "detectron2.solver.",
+    "fvcore.common.param_scheduler.",
+    "torch.nn.",
+    "torch.optim.",
+)
+_YAML_TAG_PREFIX = "tag:yaml.org,2002:"
+
+
+class _RefusedTag(Exception):
+    """A YAML node whose tag the plain-data loader does not construct."""
+
+    def __init__(self, node: yaml.Node):
+        super().__init__(node.tag)
+        self.tag = node.tag.replace(_YAML_TAG_PREFIX, "!!", 1)
+        self.line = node.start_mark.line + 1
+
+
+class _PlainDataLoader(yaml.SafeLoader):
+    """YAML's standard data types only (mappings, lists, strings, numbers, booleans, null, ...):
+    all that detectron2's LazyConfig.save writes for a config of plain values and `_target_`
+    names. Every other tag, !!python/... above all, is refused before anything is built."""
+
+
+def _refuse_tag(loader: yaml.SafeLoader, node: yaml.Node) -> None:
+    raise _RefusedTag(node)
+
+
+_PlainDataLoader.add_constructor(None, _refuse_tag)  # None: every tag without a constructor
+
+
+def _read_config_file(config_file: str) -> DictConfig:
+    """A .py config runs (configs are Python by design); a .yaml config is only read."""
+    suffix = Path(config_file).suffix
+    if suffix in _YAML_SUFFIXES:
+        return load_yaml_config(config_file)
+    if suffix != ".py":  # e.g. config.yaml.pkl, detectron2's pickle fallback: code, not data
+        raise ConfigError(f"{config_file}: a config is a .py, .yaml or .yml file, not {suffix!r}")
+    return LazyConfig.load(config_file)
+
+
+def load_yaml_config(config_file: str) -> DictConfig:
+    """A .yaml config (e.g. the config.yaml a run writes) as a config, without running code:
+    a Python tag, a `_target_` outside :data:`YAML_TARGET_MODULES` or a file that is not a YAML
+    mapping is one ConfigError naming the file (and the tag or key)."""
+    with open(config_file, "rb") as stream:  # bytes: YAML detects the encoding and a BOM
+        try:
+            data = yaml.load(stream, Loader=_PlainDataLoader)
+        except _RefusedTag as refused:
+            raise ConfigError(_refused_tag_message(config_file, refused)) from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{config_file}: not valid YAML: {_one_line(error)}") from None
+    if not isinstance(data, dict):
+        what = "nothing" if data is None else f"a {type(data).__name__}"
+        raise ConfigError(f"{config_file} holds {what}, not a mapping of config nodes")
+    _check_yaml_targets(data, config_file, prefix="")
+    return OmegaConf.create(data, flags={"allow_objects": True})  # as LazyConfig.load
+
+
+def _refused_tag_message(config_file: str, refused: _RefusedTag) -> str:
+    why = (
+        "it would build a Python object (run code)"
+        if refused.tag.startswith("!!python/")
+        else "it is not a YAML data type"
+    )
+    return (
+        f"{config_file}, line {refused.line}: refused the YAML tag {refused.tag}: {why}; a .yaml "
+        "config is read as plain data only (Python objects belong in a .py config)"
+    )
+
+
+def _one_line(error: yaml.YAMLError) -> str:
+    """A YAML error's problem and line, without PyYAML's multi-line excerpt of the file."""
+    problem = getattr(error, "problem", None)
+    mark = getattr(error, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(error).split())
+    return problem if mark is None else f"{problem} (line {mark.line + 1})"
+
+
+def _check_yaml_targets(node, config_file: str, prefix: str) -> None:
+    """Every `_target_` of a .yaml config is a literal name in :data:`YAML_TARGET_MODULES`
+    (instantiate calls it, so an arbitrary name would be code)."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:  # a scalar: nothing below it
+        return
+    for key, value in items:
+        path = f"{prefix}{key}"
+        if key == "_target_" and isinstance(value, str):
+            _check_yaml_target(value, path, config_file)
+        _check_yaml_targets(value, config_file, prefix=f"{path}.")
+
+
+def _check_yaml_target(target: str, key: str, config_file: str) -> None:
+    """The name must start with an allowed module and lead to an object defined in one: a name
+    like `rankdetr.engine.runner.os.system` reaches os.system through a module's imports."""
+    if "${" in target or "__" in target or not target.startswith(YAML_TARGET_MODULES):
+        _refuse_yaml_target(target, key, config_file)
+    try:
+        module = getattr(locate(target), "__module__", None) or ""
+    except ImportError:
+        raise ConfigError(f"{config_file}: {key}={target!r} names no callable") from None
+    if not f"{module}.".startswith(YAML_TARGET_MODULES):
+        _refuse_yaml_target(target, key, config_file)
+
+
+def _refuse_yaml_target(target: str, key: str, config_file: str) -> None:
+    allowed = ", ".join(module.rstrip(".") for module in YAML_TARGET_MODULES)
+    raise ConfigError(
+        f"{config_file}: {key}={target!r} is not a callable a .yaml config may name (only "
+        f"those defined under {allowed}); name it in a .py config instead"
+    )
 
 
 def _refuse_old_name_in_file(error: Exception, config_file: str) -> None:
@@ -103,7 +236,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _training_dataset(cfg: DictConfig) -> str:
-    names = cfg.dataloader.train.dataset.names
+    return _dataset_of(cfg, "train")
+
+
+def _dataset_of(cfg: DictConfig, node: str) -> str:
+    """The (first) dataset name of cfg.dataloader.<node>, "train" or "test"."""
+    names = cfg.dataloader[node].dataset.names
     return names if isinstance(names, str) else names[0]
 
 
@@ -112,17 +250,21 @@ def _num_classes_unset(cfg: DictConfig) -> bool:
     return cfg.model.get("num_classes") in (None, "None", "none", "null")
 
 
-def check_num_classes(cfg: DictConfig) -> None:
-    """Before training: model.num_classes must be the training data's (None takes it from
-    there); a mismatch is one ConfigError naming both, not an IndexError mid-run."""
-    data_classes = num_classes_of(_training_dataset(cfg))
+def check_num_classes(cfg: DictConfig, node: str = "train") -> None:
+    """Before training (node "train"), or before an evaluation alone (node "test": the data
+    evaluated is what the class count must fit): model.num_classes must be that data's (None
+    takes it from there); a mismatch is one ConfigError naming both, not an IndexError mid-run
+    or an evaluator's error after the whole inference."""
+    dataset = _dataset_of(cfg, node)
+    data_classes = num_classes_of(dataset)
     if _num_classes_unset(cfg):
         cfg.model.num_classes = data_classes
     elif cfg.model.num_classes != data_classes:
+        role = "training" if node == "train" else node
         raise ConfigError(
-            f"model.num_classes={cfg.model.num_classes} but the training data "
-            f"{_training_dataset(cfg)!r} has {data_classes} classes (set model.num_classes="
-            f"{data_classes}, or None to take it from the data)"
+            f"model.num_classes={cfg.model.num_classes} but the {role} data {dataset!r} has "
+            f"{data_classes} classes (set model.num_classes={data_classes}, or None to take it "
+            "from the data)"
         )
 
 
@@ -205,10 +347,10 @@ def do_train(cfg: DictConfig, resume: bool = False) -> dict:
     and ends with the weights an uninterrupted run would have (CPU, train.deterministic).
     """
     check_num_classes(cfg)
-    if comm.is_main_process():  # one run per output folder (the other ranks follow the main one)
-        with run_lock(cfg.train.output_dir):
-            return _train(cfg, resume)
-    return _train(cfg, resume)
+    # One run per output folder: the main process locks it (a no-op when the caller holds the
+    # lock already, as tools/train_net.py does), the other ranks follow the main one.
+    with hold_output_dir(cfg.train.output_dir):
+        return _train(cfg, resume)
 
 
 def _train(cfg: DictConfig, resume: bool) -> dict:

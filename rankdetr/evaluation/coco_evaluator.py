@@ -9,13 +9,18 @@ from pathlib import Path
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
+
+from rankdetr.data.datasets import check_annotation_integrity
+from rankdetr.engine.run_lock import process_is_alive
 
 from .olrp import olrp_from_coco_eval
 
 # COCOeval.stats[6:12] for bbox: recall at 1/10/100 detections, then small/medium/large at 100.
 AR_METRICS = ("AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 OLRP_METRICS = ("oLRP", "oLRP_Loc", "oLRP_FP", "oLRP_FN")
+STAGING_PREFIX = ".staging-"  # + the evaluating process's pid
 
 
 class RankDETRCOCOEvaluator(COCOEvaluator):
@@ -24,7 +29,9 @@ class RankDETRCOCOEvaluator(COCOEvaluator):
 
     The ground truth pycocotools reads is the dataset's JSON, made safe for what the loader
     accepted (see :func:`_sanitize_ground_truth`), so a run that trained never dies in its last
-    evaluation; valid COCO files are evaluated exactly as they are.
+    evaluation; valid COCO files are evaluated exactly as they are. What the loader refuses
+    because pycocotools would score it wrongly (e.g. duplicate annotation ids) is refused here too
+    (:func:`rankdetr.data.datasets.check_annotation_integrity`).
 
     oLRP reads pycocotools' per-image matches, which only the official Python COCOeval keeps, so
     ``use_fast_impl`` defaults to False and True is refused.
@@ -40,17 +47,21 @@ class RankDETRCOCOEvaluator(COCOEvaluator):
         _materialise(dataset_name)
         super().__init__(dataset_name, tasks, distributed, output_dir,
                          use_fast_impl=False, **kwargs)  # fmt: skip
+        _check_ground_truth(self._coco_api, dataset_name)
         _sanitize_ground_truth(self._coco_api, dataset_name, self._logger)
 
     def evaluate(self, img_ids=None):
         """detectron2's evaluate, with its result files (`instances_predictions.pth`,
         `coco_instances_results.json`) written to a staging folder inside output_dir and then
         renamed into place: a run killed while writing never leaves a partial file under the
-        final name (the previous complete one stays)."""
+        final name (the previous complete one stays). The staging folders such a run left are
+        removed at the next evaluation (see :func:`remove_stale_staging`)."""
         final = self._output_dir
         if not final:
             return super().evaluate(img_ids)
-        staging = Path(final) / f".staging-{os.getpid()}"
+        if comm.is_main_process():  # the only process that writes results
+            remove_stale_staging(Path(final), self._logger)
+        staging = Path(final) / f"{STAGING_PREFIX}{os.getpid()}"
         self._output_dir = str(staging)
         try:
             results = super().evaluate(img_ids)
@@ -75,6 +86,20 @@ class RankDETRCOCOEvaluator(COCOEvaluator):
         return {**summary, **extra, **per_class}
 
 
+def remove_stale_staging(folder: Path, logger) -> None:
+    """Remove the staging folders under `folder` whose evaluating process is gone (a SIGTERM or
+    a kill during evaluation leaves one behind); a live process's folder stays, as it may still
+    be writing. Only the main process calls this: its run holds the output folder's lock, so no
+    other run evaluates into it, and the pids are of its machine (a rank on another machine
+    sharing the folder could not tell whether they are alive)."""
+    for staging in folder.glob(STAGING_PREFIX + "*"):
+        pid = staging.name[len(STAGING_PREFIX) :]
+        if not pid.isdigit() or not staging.is_dir() or process_is_alive(int(pid)):
+            continue
+        shutil.rmtree(staging, ignore_errors=True)
+        logger.info("Removed %s, left by an evaluation that did not finish", staging)
+
+
 def _materialise(dataset_name: str) -> None:
     """COCOEvaluator reads the dataset's JSON file directly: when it is not on disk yet (the
     bundled shapes data is generated on first use), load the dataset once, which generates it
@@ -82,6 +107,14 @@ def _materialise(dataset_name: str) -> None:
     json_file = MetadataCatalog.get(dataset_name).get("json_file")
     if json_file and not Path(json_file).is_file() and dataset_name in DatasetCatalog.list():
         DatasetCatalog.get(dataset_name)
+
+
+def _check_ground_truth(coco_api, dataset_name: str) -> None:
+    """Refuse ground truth that pycocotools would score wrongly without a word (duplicate
+    annotation ids: perfect detections scored AP 77.6; annotations of unknown images; negative
+    areas), with the training loader's own check and message, naming the file."""
+    json_file = MetadataCatalog.get(dataset_name).get("json_file")
+    check_annotation_integrity(coco_api.dataset, f"dataset {dataset_name!r} ({json_file})")
 
 
 def _usable_box(bbox) -> bool:
