@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rankdetr.layers.attention_backend import working_attention_kernel
 from rankdetr.layers.multi_scale_deform_attn import MultiScaleDeformableAttention
 from rankdetr.modeling.encoder import FeedForward
 
@@ -28,12 +29,13 @@ def grouped_self_attention(
     Returns:
         (N, Q, C).
     """
-    if len(group_sizes) == 1:
-        return attn(query, query, value, need_weights=False)[0]
-    outputs = [
-        attn(q, q, v, need_weights=False)[0]
-        for q, v in zip(query.split(group_sizes, dim=1), value.split(group_sizes, dim=1))
-    ]
+    with working_attention_kernel(query):
+        if len(group_sizes) == 1:
+            return attn(query, query, value, need_weights=False)[0]
+        outputs = [
+            attn(q, q, v, need_weights=False)[0]
+            for q, v in zip(query.split(group_sizes, dim=1), value.split(group_sizes, dim=1))
+        ]
     return torch.cat(outputs, dim=1)
 
 
@@ -54,7 +56,8 @@ class SelfAttention(nn.Module):
         """query (N, Q, C) with positions, value (N, Q, C) -> (N, Q, C). `attn_mask` (Q, Q) bool,
         True where a query may not attend (DINO's denoising groups), replaces `group_sizes`."""
         if attn_mask is not None:
-            return self.attn(query, query, value, attn_mask=attn_mask, need_weights=False)[0]
+            with working_attention_kernel(query):
+                return self.attn(query, query, value, attn_mask=attn_mask, need_weights=False)[0]
         return grouped_self_attention(self.attn, query, value, group_sizes)
 
 

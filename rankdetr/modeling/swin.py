@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import stochastic_depth
 
+from rankdetr.layers.attention_backend import working_attention_kernel
+
 __all__ = ["SwinBackbone", "SWIN_T", "SWIN_L"]
 
 # The release's sizes (its rank_detr_swin_{tiny,large}_two_stage configs).
@@ -100,7 +102,8 @@ class WindowAttention(nn.Module):
         if mask is not None:
             num_windows = mask.shape[0]
             bias = (bias[None] + mask[:, None]).repeat(b // num_windows, 1, 1, 1)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        with working_attention_kernel(q):
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         return self.proj(attended.transpose(1, 2).reshape(b, t, c))
 
 
