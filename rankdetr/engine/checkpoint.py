@@ -5,7 +5,10 @@
 * **Atomic writes.** A checkpoint is written to a temporary file in the same folder, flushed to
   disk (fsync), then renamed over its final name (os.replace); the `last_checkpoint` pointer is
   replaced the same way. A process killed during a save leaves the previous checkpoint and
-  pointer intact (and a stale temporary file, removed by the next save).
+  pointer intact (and a stale temporary file, removed by the next save). A save that the file
+  system refuses (e.g. a full disk) removes its temporary file, leaves the previous checkpoint
+  and pointer as they were, and raises a one-line :class:`CheckpointError` naming the file (for
+  a full disk with the free space and the checkpoint's size).
 * **Resume picks the newest complete checkpoint.** When `last_checkpoint` is missing, or names a
   missing or incomplete file, the newest complete `model_*.pth` in the folder is used instead,
   with a warning naming what was skipped.
@@ -18,11 +21,14 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import shutil
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +115,14 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(file) on a temporary file next to `path`, fsync it, rename it to `path`."""
+def _atomic_write(path: Path, write, size: Callable[[], int] | None = None) -> None:
+    """Call write(file) on a temporary file next to `path`, fsync it, rename it to `path`.
+
+    A failed write removes the temporary file, so `path` keeps its previous content. An error
+    of the file system (an OSError, also when torch.save reports it as a RuntimeError whose
+    context is the OSError) becomes a one-line CheckpointError naming `path`; for a full disk it
+    gives the free space and `size()`, the bytes the file needs.
+    """
     temp = path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
     try:
         with open(temp, "wb") as handle:
@@ -118,18 +130,85 @@ def _atomic_write(path: Path, write) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
-    except OSError as error:  # e.g. a full disk: name the file; the previous one is intact
-        temp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {path}: {error.strerror or error}") from error
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    except BaseException as error:
+        temp.unlink(missing_ok=True)  # before measuring the free space: it frees the partial file
+        cause = _os_error_in_chain(error)
+        if cause is None:
+            raise
+        raise CheckpointError(f"cannot write {path}: {_describe(cause, path, size)}") from error
     _fsync_directory(path.parent)
 
 
+# torch's zip writer turns a failed write() into "[enforce fail at inline_container.cc] ...
+# unexpected pos"; the OSError stays in the chain, and its text in the message of some versions.
+_NO_SPACE_TEXT = os.strerror(errno.ENOSPC)
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # a full disk or quota
+
+
+def _os_error_in_chain(error: BaseException) -> OSError | None:
+    """The OSError that `error` is or was raised from (its __cause__ / __context__ chain), or
+    None. A torch error that only says "No space left on device" counts as that OSError."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    # Only torch's RuntimeError is looked through: another error raised while an OSError was
+    # being handled (a bug, say) keeps its own traceback.
+    while isinstance(current, (OSError, RuntimeError)) and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            return current
+        if _NO_SPACE_TEXT in str(current):
+            return OSError(errno.ENOSPC, _NO_SPACE_TEXT)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _describe(error: OSError, path: Path, size: Callable[[], int] | None) -> str:
+    """What went wrong, in words; a full disk with the free space and the size needed."""
+    reason = error.strerror or str(error)
+    if error.errno not in _DISK_FULL:
+        return reason
+    try:
+        free = f"{_megabytes(shutil.disk_usage(path.parent).free)} MB free"
+    except OSError:
+        free = "free space unknown"
+    needs = f", the checkpoint needs ~{_megabytes(size())} MB" if size is not None else ""
+    return f"{reason} ({free}{needs})"
+
+
+def _megabytes(num_bytes: int) -> str:
+    return f"{num_bytes / 1e6:.1f}"
+
+
+def _serialized_size(data: Any) -> int:
+    """About how many bytes torch.save writes for `data`: its tensors' storages, each once (a
+    view saves its whole storage), plus a little for the pickled structure."""
+    storages: dict[tuple[int, int], int] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            storages[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    visit(data)
+    return sum(storages.values()) + 64 * len(storages) + 4096
+
+
 def atomic_torch_save(data: Any, path: str | Path) -> None:
-    """torch.save(data) to `path` atomically: the file is either the old one or complete."""
-    _atomic_write(Path(path), lambda handle: torch.save(data, handle))
+    """torch.save(data) to `path` atomically: the file is either the old one or complete.
+
+    Raises:
+        CheckpointError naming `path` when the file system refuses the write (for a full disk,
+        with the free space and the checkpoint's size); the previous file is left as it was.
+    """
+    _atomic_write(
+        Path(path), lambda handle: torch.save(data, handle), size=lambda: _serialized_size(data)
+    )
 
 
 def is_complete_checkpoint(path: str | Path) -> bool:
