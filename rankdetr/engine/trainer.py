@@ -21,13 +21,14 @@ any process is non-finite for all.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
 import torch.distributed as dist
 from detectron2.engine import SimpleTrainer
 
-from rankdetr.errors import UserError
+from rankdetr.errors import UserError, is_user_error, user_message
 
 __all__ = [
     "NONFINITE_LOSS_MODES",
@@ -61,6 +62,31 @@ class NonFiniteLossError(FloatingPointError, UserError):
     """A loss term became NaN or infinite; the message names the terms and the iteration."""
 
 
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """detectron2's training loop logs every exception with its traceback ("Exception during
+    training:") before re-raising it, to the console and log.txt. A user error (bad data, a full
+    disk, ...) is then printed by the tool as one line; the log keeps that line too, without the
+    traceback, which RANKDETR_TRACEBACK=1 keeps."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and is_user_error(error) and not _traceback_asked():
+            record.msg = f"{record.getMessage()} {user_message(error)}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+def _traceback_asked() -> bool:
+    return os.environ.get("RANKDETR_TRACEBACK") == "1"
+
+
+def _log_user_errors_of_the_training_loop_in_one_line() -> None:
+    """Installs the filter above on detectron2's training-loop logger, once per process."""
+    loop_logger = logging.getLogger("detectron2.engine.train_loop")
+    if not any(isinstance(f, _UserErrorsWithoutTraceback) for f in loop_logger.filters):
+        loop_logger.addFilter(_UserErrorsWithoutTraceback())
+
+
 class RankDETRTrainer(SimpleTrainer):
     """SimpleTrainer with mixed precision, gradient clipping and a non-finite loss policy."""
 
@@ -90,6 +116,7 @@ class RankDETRTrainer(SimpleTrainer):
                 skipped steps; None never stops.
         """
         super().__init__(model, data_loader, optimizer)
+        _log_user_errors_of_the_training_loop_in_one_line()
         self.device_type = device_type
         self.amp_dtype = autocast_dtype(amp)
         if self.amp_dtype == torch.float16 and device_type != "cuda":

@@ -169,6 +169,10 @@ def test_a_bad_image_read_in_a_worker_is_one_line(tmp_path, problem):
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "worker" not in result.stderr, result.stderr[-3000:]
+    # detectron2's training loop logs the error too (console and log.txt): in one line as well.
+    assert "Traceback" not in result.stdout, result.stdout[-3000:]
+    logged = [line for line in result.stdout.splitlines() if "Exception during training" in line]
+    assert len(logged) == 1 and bad_image in logged[0], result.stdout[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and bad_image in errors[0], result.stderr[-3000:]
 
