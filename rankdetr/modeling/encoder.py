@@ -135,7 +135,8 @@ def encoder_reference_points(
     """Pixel centres of every level as reference points for every level.
 
     Each pixel centre is normalised by the unpadded extent of its own level, then mapped into
-    every level's coordinates by that level's valid ratio (images in a batch are padded).
+    every level's coordinates by that level's valid ratio (images in a batch are padded). The
+    points take the valid ratios' dtype: float32 as in the release, float64 in a float64 run.
 
     Args:
         spatial_shapes: (L, 2) int64 (h, w).
