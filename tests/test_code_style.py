@@ -32,11 +32,11 @@ def test_code_style(command):
 
 
 def test_the_formatters_are_pinned_and_installed_at_their_pins():
-    """CI installs the dev extras (tools/setup_env.sh: `pip install -e ".[dev]"`); the style
+    """CI installs the dev extras (tools/setup_env.sh: `pip install -e ".[dev,onnx]"`); the style
     checks above must run with exactly the versions that formatted the code."""
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pins = dict(spec.split("==") for spec in extras["optional-dependencies"]["dev"] if "==" in spec)
     assert sorted(pins) == ["black", "isort", "ruff"]
     assert {name: version(name) for name in pins} == pins
-    assert '-e ".[dev]"' in (ROOT / "tools" / "setup_env.sh").read_text()
+    assert '-e ".[dev,onnx]"' in (ROOT / "tools" / "setup_env.sh").read_text()

@@ -66,7 +66,8 @@ install_rankdetr() {
   say "installing rankdetr (editable) and building its extension; this takes a minute or two"
   # ninja makes the extension build incremental and parallel.
   "$PY" -c "import ninja" 2>/dev/null || pip_quiet ninja
-  (cd "$ROOT" && pip_quiet --no-build-isolation -e ".[dev]")
+  # [onnx]: the ONNX export and its tests (tests/export) run in CI too.
+  (cd "$ROOT" && pip_quiet --no-build-isolation -e ".[dev,onnx]")
   "$PY" -c "import rankdetr._C" ||
     { echo "rankdetr's extension did not build; see the compiler output above" >&2; exit 1; }
   echo "$want" >"$STAMP"

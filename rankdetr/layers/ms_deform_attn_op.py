@@ -49,6 +49,7 @@ def ms_deform_attn_reference(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    level_shapes: list[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Pure-PyTorch multi-scale deformable attention built on ``F.grid_sample``.
 
@@ -56,11 +57,18 @@ def ms_deform_attn_reference(
     shapes), but slower and more memory hungry; it is the fallback where the compiled op is
     missing, and the baseline of the tests and benchmarks. It reads ``spatial_shapes`` and
     ``level_start_index`` on the host (a device sync on GPU) and does no input validation.
+
+    ``level_shapes``, the (h, w) of each level as Python (or symbolic) ints taken from the
+    feature maps' shapes, replaces that host read when given: the levels then start at the
+    running sum of h * w. The ONNX export passes them so that the traced graph computes the
+    slices from the input size instead of baking in the sizes it was traced at.
     """
     n, _, heads, d = value.shape
     _, lq, _, levels, points, _ = sampling_locations.shape
-    shapes = spatial_shapes.tolist()
-    starts = level_start_index.tolist()
+    if level_shapes is None:
+        shapes, starts = spatial_shapes.tolist(), level_start_index.tolist()
+    else:
+        shapes, starts = level_shapes, _running_starts(level_shapes)
     # grid_sample's grid spans [-1, 1] across the outer pixel edges (align_corners=False).
     grids = 2 * sampling_locations - 1
     samples = []
@@ -79,6 +87,15 @@ def ms_deform_attn_reference(
     weights = attention_weights.transpose(1, 2).reshape(n * heads, 1, lq, levels * points)
     out = (torch.stack(samples, dim=-2).flatten(-2) * weights).sum(-1)
     return out.view(n, heads * d, lq).transpose(1, 2).contiguous()
+
+
+def _running_starts(level_shapes: list[tuple[int, int]]) -> list[int]:
+    """Where each level starts in the flattened keys: 0, h_0 * w_0, h_0 * w_0 + h_1 * w_1, ..."""
+    starts, start = [], 0
+    for h, w in level_shapes:
+        starts.append(start)
+        start = start + h * w
+    return starts
 
 
 def _describe(name: str, tensor: torch.Tensor) -> str:

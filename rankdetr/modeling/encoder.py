@@ -130,7 +130,9 @@ class DeformableEncoder(nn.Module):
 
 
 def encoder_reference_points(
-    spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor
+    spatial_shapes: torch.Tensor,
+    valid_ratios: torch.Tensor,
+    level_shapes: list[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Pixel centres of every level as reference points for every level.
 
@@ -141,12 +143,17 @@ def encoder_reference_points(
     Args:
         spatial_shapes: (L, 2) int64 (h, w).
         valid_ratios: (N, L, 2) as (w, h).
+        level_shapes: the (h, w) of each level as Python (or symbolic) ints from the feature
+            maps' shapes, instead of reading `spatial_shapes` on the host (the ONNX export
+            passes them so that its graph follows the input size).
 
     Returns:
         (N, S, L, 2) normalised (x, y).
     """
     points = []
-    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+    if level_shapes is None:
+        level_shapes = spatial_shapes.tolist()
+    for level, (h, w) in enumerate(level_shapes):
         ys, xs = torch.meshgrid(
             torch.arange(h, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
             torch.arange(w, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,

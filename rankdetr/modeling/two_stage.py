@@ -26,6 +26,7 @@ def grid_proposals(
     spatial_shapes: torch.Tensor,
     base_size: float = 0.05,
     dtype: torch.dtype = torch.float32,
+    level_shapes: list[tuple[int, int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One box per encoder position, normalised by the unpadded size of its image.
 
@@ -36,6 +37,9 @@ def grid_proposals(
         dtype: of the grid and its logits, lifted to at least float32. Pass the encoder
             memory's dtype: float32, bf16 and fp16 runs get the release's float32 grid, float64
             runs a float64 one (float32 `log` differs between CPUs in its last bit).
+        level_shapes: the (h, w) of each level as Python (or symbolic) ints from the feature
+            maps' shapes, instead of reading `spatial_shapes` on the host (the ONNX export
+            passes them so that its graph follows the input size).
 
     Returns:
         proposals (N, S, 4) as logits of (cx, cy, w, h) (+inf where invalid), and
@@ -44,7 +48,9 @@ def grid_proposals(
     n = padding_mask.shape[0]
     dtype = at_least_float32(dtype)
     boxes, start = [], 0
-    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+    if level_shapes is None:
+        level_shapes = spatial_shapes.tolist()
+    for level, (h, w) in enumerate(level_shapes):
         mask = padding_mask[:, start : start + h * w].view(n, h, w)
         valid_h = (~mask[:, :, 0]).sum(1).clamp(min=1).to(dtype)
         valid_w = (~mask[:, 0, :]).sum(1).clamp(min=1).to(dtype)

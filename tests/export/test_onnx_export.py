@@ -1,0 +1,155 @@
+"""ONNX export (rankdetr/export/onnx.py, tools/export_onnx.py): the exported demo models give
+the PyTorch model's detections in ONNX Runtime at several input sizes and batch sizes, from one
+export, with standard ONNX ops only and the predictor's metadata inside the file.
+
+Each export takes ~30 s on 2 cores, so each config is exported once per module.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from rankdetr.export import onnx as onnx_export  # noqa: E402
+from rankdetr.layers.ms_deform_attn_op import ms_deform_attn_reference  # noqa: E402
+from rankdetr.modeling.encoder import encoder_reference_points  # noqa: E402
+from rankdetr.modeling.two_stage import grid_proposals  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "configs" / "demo" / "rank_detr_r18_shapes.py"
+RANK_DINO = ROOT / "configs" / "demo" / "rank_dino_r18_shapes.py"
+OVERRIDES = ["model.num_classes=5"]
+
+
+def build(config: Path, seed: int = 0):
+    """(cfg, eval model) as tools/export_onnx.py builds them, with the initial weights."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from export_onnx import build_for_export
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(seed)
+    return build_for_export(str(config), OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def demo_export(tmp_path_factory):
+    """(model, path) of the demo Rank-DETR exported once, with the config's metadata."""
+    cfg, model = build(DEMO)
+    path = tmp_path_factory.mktemp("onnx") / "demo.onnx"
+    metadata = onnx_export.config_metadata(cfg, str(DEMO))
+    onnx_export.export_onnx(model, path, metadata=metadata)
+    return model, path
+
+
+def test_demo_check_passes_at_the_three_sizes(demo_export):
+    model, path = demo_export
+    rows = onnx_export.check_onnx(model, path, threads=2)
+    assert [row["size"] for row in rows] == ["320x320", "288x416", "512x384"]
+    for row in rows:
+        assert row["ok"], row
+        assert row["compared"] > 0  # the label rule did compare detections
+
+
+def test_one_export_follows_the_input_size(demo_export):
+    """Sizes and a batch the export never saw give the PyTorch detections, not those of the
+    traced size: a baked-in level size would move every box and score."""
+    model, path = demo_export
+    session = onnx_export.onnx_session(path, threads=2)
+    generator = torch.Generator().manual_seed(1)
+    for n, h, w in [(1, 256, 448), (3, 384, 320)]:
+        images = torch.rand(n, 3, h, w, generator=generator) * 255
+        boxes, scores, labels = session.run(None, {"image": images.numpy()})
+        assert boxes.shape == (n, model.num_detections, 4) and labels.dtype.name == "int64"
+        expected = onnx_export.pytorch_detections(model, images)
+        diff = onnx_export.compare_detections(expected, (boxes, scores, labels))
+        assert diff["scores"] <= 1e-4 and diff["boxes"] <= 0.01, diff
+        assert diff["label_mismatches"] == 0, diff
+        assert (boxes[..., 2] <= w).all() and (boxes[..., 3] <= h).all()
+
+
+def test_graph_has_only_standard_onnx_ops(demo_export):
+    import onnx
+
+    _, path = demo_export
+    assert onnx_export.custom_domain_ops(path) == []
+    op_types = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "GridSample" in op_types  # the deformable attention, one per level
+
+
+def test_metadata_holds_the_test_transform_and_class_names(demo_export):
+    _, path = demo_export
+    metadata = onnx_export.read_metadata(path)
+    assert json.loads(metadata["class_names"]) == ["circle", "square", "triangle", "cross", "ring"]
+    (resize,) = json.loads(metadata["test_augmentation"])
+    assert resize["_target_"].endswith("ResizeShortestEdge") and resize["short_edge_length"] == 160
+    assert metadata["image_format"] == "RGB" and metadata["num_detections"] == "50"
+
+
+def test_rank_dino_exports_and_checks(tmp_path):
+    _, model = build(RANK_DINO)
+    path = tmp_path / "rank_dino.onnx"
+    onnx_export.export_onnx(model, path)
+    assert onnx_export.custom_domain_ops(path) == []
+    rows = onnx_export.check_onnx(model, path, sizes=[(288, 416)], batch_sizes=[2], threads=2)
+    assert rows[0]["ok"], rows
+
+
+def test_export_code_paths_restore_the_model():
+    """Outside the context the model runs its usual code (instance attribute removed)."""
+    _, model = build(DEMO)
+    with onnx_export.export_code_paths(model):
+        assert "flatten_levels" in model.__dict__
+    assert "flatten_levels" not in model.__dict__
+    assert onnx_export.two_stage.grid_proposals is grid_proposals
+
+
+def test_level_shapes_arguments_give_identical_results():
+    """The core functions' `level_shapes` path is the same arithmetic as the host read."""
+    shapes = [(6, 5), (3, 3), (2, 1)]
+    spatial = torch.tensor(shapes)
+    sizes = spatial.prod(1)
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    g = torch.Generator().manual_seed(0)
+    value = torch.randn(2, int(sizes.sum()), 2, 4, generator=g)
+    locations = torch.rand(2, 7, 2, 3, 4, 2, generator=g)
+    weights = torch.rand(2, 7, 2, 3, 4, generator=g)
+    ratios = torch.rand(2, 3, 2, generator=g) * 0.5 + 0.5
+    mask = torch.rand(2, int(sizes.sum()), generator=g) > 0.8
+    args = (value, spatial, starts, locations, weights)
+    assert torch.equal(ms_deform_attn_reference(*args), ms_deform_attn_reference(*args, shapes))
+    assert torch.equal(
+        encoder_reference_points(spatial, ratios), encoder_reference_points(spatial, ratios, shapes)
+    )
+    for a, b in zip(
+        grid_proposals(mask, spatial), grid_proposals(mask, spatial, level_shapes=shapes)
+    ):
+        assert torch.equal(a, b)
+
+
+def test_missing_package_is_named(monkeypatch):
+    import importlib
+
+    real_import = importlib.import_module
+
+    def without_onnxscript(name, *args):
+        if name == "onnxscript":
+            raise ImportError("No module named 'onnxscript'")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_onnxscript)
+    with pytest.raises(onnx_export.OnnxDependencyError, match="'onnxscript'.*\\[onnx\\]"):
+        onnx_export.require_onnx_packages()
+
+
+def test_tool_help_runs_without_exporting():
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "export_onnx.py"), "--help"],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    assert "--check" in result.stdout
