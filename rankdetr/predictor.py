@@ -7,9 +7,14 @@
     result = predictor("image.png")          # or an (H, W, 3) uint8 RGB numpy array
     result.boxes, result.scores, result.classes, result.class_names
 
+    predictor = Predictor("model.onnx")      # an exported file (tools/export_onnx.py) alone
+
 Images go through the config's test transform (`dataloader.test.mapper.augmentation`, e.g. the
 shorter side to 800, the longer at most 1333) and the channel order the model was trained with
-(the mapper's `img_format`); boxes come back in the pixels of the image as given.
+(the mapper's `img_format`); boxes come back in the pixels of the image as given. An exported
+.onnx file runs in ONNX Runtime (:class:`rankdetr.export.runtime.OnnxDetector`) with the same
+preprocessing and outputs; its test transform and class names come from the file's metadata
+unless a config is given too.
 """
 
 from __future__ import annotations
@@ -113,7 +118,8 @@ def load_checkpoint(model: torch.nn.Module, checkpoint: str | Path, use_ema: boo
 
 
 class Predictor:
-    """A detector built from a LazyConfig and a checkpoint, applied to images.
+    """A detector built from a LazyConfig and a checkpoint (or an exported .onnx file, run by
+    ONNX Runtime), applied to images.
 
     `predictor(image)` -> :class:`Prediction`; `predictor.predict_batch(images)` -> a list.
     Images are (H, W, 3) uint8 numpy arrays in `input_format` channel order (grayscale and
@@ -123,37 +129,84 @@ class Predictor:
 
     def __init__(
         self,
-        config_file_or_cfg: str | Path | DictConfig,
-        checkpoint: str | Path,
+        config_file_or_cfg: str | Path | DictConfig | None,
+        checkpoint: str | Path | None = None,
         device: str = "cpu",
         score_threshold: float = 0.0,
         overrides: Sequence[str] = (),
         input_format: str = "RGB",
+        onnx_threads: int | None = None,
     ):
         """
         Args:
             config_file_or_cfg: a LazyConfig file or an already loaded config (not modified).
                 Needs `model` and `dataloader.test.mapper`; `model.num_classes` may be None
-                (taken from the dataset named by `dataloader.train.dataset.names`).
-            checkpoint: weights file (see :func:`load_checkpoint`).
-            device: "cpu", "cuda", "cuda:1" or "auto" (cuda when available).
+                (taken from the dataset named by `dataloader.train.dataset.names`). None, or
+                the .onnx file itself (then no `checkpoint`), for an exported file: its
+                metadata gives the test transform and class names.
+            checkpoint: weights file (see :func:`load_checkpoint`), or an exported .onnx file
+                (run by ONNX Runtime on the CPU; the config, if given, is only read for the
+                test mapper and the class names).
+            device: "cpu", "cuda", "cuda:1" or "auto" (cuda when available); an .onnx file
+                runs on the CPU ("cpu" or "auto").
             score_threshold: detections scoring below it are dropped.
             overrides: "key=value" config overrides, checked against the config's keys.
             input_format: "RGB" or "BGR", the channel order of the arrays given to the
                 predictor (as detectron2's DefaultPredictor; e.g. "BGR" for OpenCV's images).
                 Files are read in the right order whatever it is.
+            onnx_threads: ONNX Runtime's intra-op threads (None: its default).
         """
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
+        if checkpoint is None and _is_onnx_file(config_file_or_cfg):
+            config_file_or_cfg, checkpoint = None, config_file_or_cfg
+        if checkpoint is None:
+            raise TypeError("Predictor needs a checkpoint (.pth, with its config) or an .onnx file")
         self.input_format = input_format
-        self.cfg = _load(config_file_or_cfg, list(overrides))
-        self.device = _resolve_device(device)
         self.score_threshold = float(score_threshold)
-        self.augmentations, self.image_format, self.max_image_pixels = _test_transform(self.cfg)
-        self.thing_classes = _class_names(self.cfg)
+        if _is_onnx_file(checkpoint):
+            self._init_onnx(config_file_or_cfg, checkpoint, list(overrides), device, onnx_threads)
+        else:
+            self._init_pytorch(config_file_or_cfg, checkpoint, list(overrides), device)
+
+    def _init_pytorch(self, config, checkpoint, overrides: list[str], device: str) -> None:
+        if config is None:
+            raise TypeError(f"the checkpoint {checkpoint} needs its config (only an .onnx file "
+                            "runs without one)")  # fmt: skip
+        self.backend = "pytorch"
+        self.cfg = _load(config, overrides)
+        self.device = _resolve_device(device)
+        self._test_setup_from_config()
         self.model = self._build_model()
         self.uses_ema_weights = load_checkpoint(self.model, checkpoint, use_ema_weights(self.cfg))
         self.model.eval()
+
+    def _init_onnx(self, config, path, overrides: list[str], device: str, threads) -> None:
+        """The exported file in ONNX Runtime; the test transform and class names from the
+        config when given, else from the file's metadata. (EMA or not was decided at export.)"""
+        from rankdetr.export.runtime import OnnxDetector
+
+        if device not in ("cpu", "auto"):
+            raise ValueError(f"device {device!r}: an .onnx file runs on the CPU (ONNX Runtime)")
+        if overrides and config is None:
+            raise ValueError(f"overrides {overrides} need a config; {path} was given without one")
+        self.backend = "onnx"
+        self.device = torch.device("cpu")
+        self.uses_ema_weights = None
+        self.model = OnnxDetector(path, threads)
+        self.cfg = None if config is None else _load(config, overrides, needs=_ONNX_KEYS)
+        if self.cfg is None:
+            self.augmentations = self.model.test_augmentations()
+            self.image_format = self.model.image_format
+            self.max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
+            self.thing_classes = self.model.class_names
+        else:
+            self._test_setup_from_config()
+        _check_onnx_matches(self.model, self.image_format, self.thing_classes)
+
+    def _test_setup_from_config(self) -> None:
+        self.augmentations, self.image_format, self.max_image_pixels = _test_transform(self.cfg)
+        self.thing_classes = _class_names(self.cfg)
 
     def _build_model(self) -> torch.nn.Module:
         if self.cfg.model.get("num_classes") is None:
@@ -174,7 +227,8 @@ class Predictor:
     def predict_batch(
         self, images: Sequence[np.ndarray | str | Path], batch_size: int = 4
     ) -> list[Prediction]:
-        """Detect objects in several images, `batch_size` at a time (padded to a common size)."""
+        """Detect objects in several images, `batch_size` at a time (padded to a common size;
+        an .onnx model runs each image alone, unpadded)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         rgb_images = [self._as_rgb(image) for image in images]
@@ -211,12 +265,37 @@ class Predictor:
             boxes=instances.pred_boxes.tensor[keep].numpy().astype(np.float32),
             scores=instances.scores[keep].numpy().astype(np.float32),
             classes=classes,
-            class_names=[self.thing_classes[c] for c in classes],
+            class_names=[self._class_name(c) for c in classes],
             image_size=tuple(instances.image_size),
         )
 
+    def _class_name(self, label: int) -> str:
+        # An .onnx file exported without class names (unregistered dataset) still predicts.
+        return f"class {label}" if self.thing_classes is None else self.thing_classes[label]
 
-def _load(config_file_or_cfg, overrides: list[str]) -> DictConfig:
+
+def _is_onnx_file(path) -> bool:
+    # By suffix, here rather than from rankdetr.export: `import rankdetr` keeps ONNX out.
+    return isinstance(path, (str, Path)) and Path(path).suffix.lower() == ".onnx"
+
+
+_PYTORCH_KEYS = ("model", "dataloader.test.mapper")
+_ONNX_KEYS = ("dataloader.test.mapper",)
+
+
+def _check_onnx_matches(model, image_format: str, class_names: list[str] | None) -> None:
+    """A config given beside an .onnx file must agree with it on what changes the detections:
+    the channel order and the number of classes."""
+    if image_format != model.image_format:
+        raise ConfigError(f"the config's test images are {image_format} but {model.path} was "
+                          f"exported for {model.image_format}")  # fmt: skip
+    stored = model.class_names
+    if class_names is not None and stored is not None and len(class_names) != len(stored):
+        raise ConfigError(f"the config names {len(class_names)} classes but {model.path} was "
+                          f"exported with {len(stored)}")  # fmt: skip
+
+
+def _load(config_file_or_cfg, overrides: list[str], needs=_PYTORCH_KEYS) -> DictConfig:
     """A config file or a config -> a private, overridden copy, checked for what inference needs."""
     if isinstance(config_file_or_cfg, (str, Path)):
         cfg = load_config(str(config_file_or_cfg), overrides)
@@ -227,7 +306,7 @@ def _load(config_file_or_cfg, overrides: list[str]) -> DictConfig:
     else:
         raise TypeError(f"expected a config file path or a DictConfig, got "
                         f"{type(config_file_or_cfg).__name__}")  # fmt: skip
-    for key in ("model", "dataloader.test.mapper"):
+    for key in needs:
         if OmegaConf.select(cfg, key) is None:
             raise ConfigError(f"{source} has no {key!r}: the predictor needs the model and the "
                               "test mapper (its resize and image format)")  # fmt: skip

@@ -5,6 +5,13 @@
         --checkpoint output/demo/model_final.pth --input datasets/shapes/val/images \\
         --output output/demo/vis --score-threshold 0.3
 
+An exported model (tools/export_onnx.py) runs in ONNX Runtime instead, with the same resize,
+outputs and drawing; the file's metadata gives the test transform and class names, so the config
+is optional (given, it is read for those instead):
+
+    .venv/bin/python tools/demo.py --onnx output/demo/model.onnx \\
+        --input datasets/shapes/val/images --output output/demo/vis_onnx
+
 `--input` takes image files, directories (their image files, not recursive) and glob patterns
 (quoted, `**` allowed). Each image is written as a PNG of the same stem into `--output`. An image
 that cannot be read is reported and skipped; the exit status is then 1.
@@ -77,15 +84,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config-file", required=True)
-    parser.add_argument("--checkpoint", required=True, help="trained weights (.pth)")
+    parser.add_argument("--config-file", help="the LazyConfig (optional with --onnx)")
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", help="trained weights (.pth)")
+    weights.add_argument("--onnx", help="an exported model (.onnx), run by ONNX Runtime")
     parser.add_argument("--input", nargs="+", required=True,
                         help="image files, directories or glob patterns")  # fmt: skip
     parser.add_argument("--output", required=True, help="directory for the drawn PNGs")
     parser.add_argument("--score-threshold", type=float, default=0.3)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.config_file is None and args.onnx is None:
+        parser.error("--config-file is required with --checkpoint")
+    return args
 
 
 def main(argv=None) -> int:
@@ -94,17 +106,18 @@ def main(argv=None) -> int:
     if not paths:
         print(f"demo: no images found for --input {' '.join(args.input)}", file=sys.stderr)
         return 1
+    from rankdetr.errors import is_user_error
     from rankdetr.predictor import Predictor, as_rgb_image
 
     try:
         predictor = Predictor(
             args.config_file,
-            args.checkpoint,
+            args.onnx or args.checkpoint,
             device=args.device,
             score_threshold=args.score_threshold,
             overrides=args.overrides,
         )
-    except (KeyError, ValueError, TypeError, OSError, RuntimeError) as error:
+    except (KeyError, ValueError, TypeError, OSError, RuntimeError, ImportError) as error:
         print(f"demo: {error}", file=sys.stderr)
         return 1
     output = Path(args.output)
@@ -117,7 +130,14 @@ def main(argv=None) -> int:
             tqdm.write(f"demo: skipped: {error}", file=sys.stderr)
             failed.append(path)
             continue
-        prediction = predictor(image)
+        try:
+            prediction = predictor(image)
+        except ValueError as error:  # e.g. ONNX Runtime refused the image: report, go on
+            if not is_user_error(error):
+                raise
+            tqdm.write(f"demo: skipped {path}: {error}", file=sys.stderr)
+            failed.append(path)
+            continue
         draw_prediction(image, prediction).save(output / name)
     written = len(paths) - len(failed)
     print(f"demo: wrote {written} image(s) to {output}")

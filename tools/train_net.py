@@ -5,6 +5,11 @@
     .venv/bin/python tools/train_net.py --config-file CFG --eval-only train.init_checkpoint=M.pth
     .venv/bin/python tools/train_net.py --config-file CFG --num-gpus 8 train.amp.enabled=True
     .venv/bin/python tools/train_net.py --config-file CFG --resume        # continue a run
+    .venv/bin/python tools/train_net.py --config-file CFG --eval-only --onnx model.onnx
+
+`--eval-only --onnx FILE` evaluates an exported model (tools/export_onnx.py) in ONNX Runtime on
+the config's test data, through the same data loader and evaluator (train.init_checkpoint is then
+not read); the config's test mapper gives the images, one session run per image.
 
 Overrides are `key=value` pairs after the flags (e.g. `model.rank.qrl=False train.max_iter=500`);
 a key the config does not have is refused with close matches. Without a GPU, `--num-gpus N`
@@ -43,20 +48,23 @@ def main(args) -> None:
     with hold_output_dir(cfg.train.output_dir):
         default_setup(cfg, args)
         if args.eval_only:
-            evaluate(cfg)
+            evaluate(cfg, onnx=args.onnx)
         else:
             do_train(cfg, resume=args.resume)
 
 
-def evaluate(cfg) -> dict:
+def evaluate(cfg, onnx: str | None = None) -> dict:
     """--eval-only: train.init_checkpoint on the test data, its EMA weights when it holds them
-    (train.model_ema switch), as detrex.
+    (train.model_ema switch), as detrex; with `onnx`, that exported file in ONNX Runtime
+    instead (see :func:`onnx_model`).
 
     model.num_classes (None: the training data's, as for training) is checked against the test
     data before the inference, so that a mismatch is one line naming both numbers, not an
     evaluator's error after the whole inference. The checkpoint is loaded first, so that one
     trained for another class count is refused naming its file.
     """
+    if onnx:
+        return do_test(cfg, onnx_model(cfg, onnx))
     model = build_model(cfg)
     load_for_evaluation(model, cfg.train.init_checkpoint, use_ema_weights(cfg))
     check_num_classes(cfg, "test")
@@ -64,9 +72,41 @@ def evaluate(cfg) -> dict:
     return do_test(cfg, model)
 
 
+def onnx_model(cfg, path: str):
+    """The exported file as the model do_test runs (detectron2 inputs in, Instances out).
+
+    Checked first against the test data, as the PyTorch path checks model.num_classes: the
+    file's class count (from its metadata) and channel order must be the test mapper's, else
+    one line names both, not an evaluator's error (or silently swapped channels) at the end.
+    """
+    from rankdetr.data.datasets import num_classes_of
+    from rankdetr.engine.config_checks import ConfigError
+    from rankdetr.export.runtime import OnnxDetector
+
+    model = OnnxDetector(path)
+    image_format = cfg.dataloader.test.mapper.get("img_format", "RGB")
+    if image_format != model.image_format:
+        raise ConfigError(f"the test mapper gives {image_format} images but {path} was "
+                          f"exported for {model.image_format}")  # fmt: skip
+    dataset = cfg.dataloader.test.dataset.names
+    dataset = dataset if isinstance(dataset, str) else dataset[0]
+    names, data_classes = model.class_names, num_classes_of(dataset)
+    if names is not None and len(names) != data_classes:
+        raise ConfigError(f"{path} was exported with {len(names)} classes but the test data "
+                          f"{dataset!r} has {data_classes}")  # fmt: skip
+    return model
+
+
 def parse_args(argv=None):
     parser = default_argument_parser(epilog=__doc__)
+    parser.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="with --eval-only: evaluate this exported model in ONNX Runtime",
+    )
     args = parser.parse_args(argv)
+    if args.onnx and not args.eval_only:
+        parser.error("--onnx evaluates an exported model: it needs --eval-only")
     return args
 
 
