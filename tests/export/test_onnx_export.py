@@ -25,10 +25,14 @@ from rankdetr.modeling.two_stage import grid_proposals  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo" / "rank_detr_r18_shapes.py"
 RANK_DINO = ROOT / "configs" / "demo" / "rank_dino_r18_shapes.py"
+DINO = ROOT / "configs" / "demo" / "dino_r18_shapes.py"
 OVERRIDES = ["model.num_classes=5"]
+# One encoder and two decoder layers (the query rank layer sits between decoder layers): the
+# same code paths as the demo at two thirds of its export time.
+SHALLOW = ["model.encoder_layers=1", "model.decoder_layers=2"]
 
 
-def build(config: Path, seed: int = 0):
+def build(config: Path, seed: int = 0, overrides=()):
     """(cfg, eval model) as tools/export_onnx.py builds them, with the initial weights."""
     sys.path.insert(0, str(ROOT / "tools"))
     try:
@@ -36,17 +40,15 @@ def build(config: Path, seed: int = 0):
     finally:
         sys.path.pop(0)
     torch.manual_seed(seed)
-    return build_for_export(str(config), OVERRIDES)
+    return build_for_export(str(config), OVERRIDES + list(overrides))
 
 
 @pytest.fixture(scope="module")
-def demo_export(tmp_path_factory):
-    """(model, path) of the demo Rank-DETR exported once, with the config's metadata."""
-    cfg, model = build(DEMO)
-    path = tmp_path_factory.mktemp("onnx") / "demo.onnx"
-    metadata = onnx_export.config_metadata(cfg, str(DEMO))
-    onnx_export.export_onnx(model, path, metadata=metadata)
-    return model, path
+def demo_export(demo_onnx_export):
+    """(model, path) of the demo Rank-DETR, exported once per session (conftest.py) from the
+    same seed-0 weights that `build` gives."""
+    _, model = build(DEMO)
+    return model, demo_onnx_export[0]
 
 
 def test_demo_check_passes_at_the_three_sizes(demo_export):
@@ -96,6 +98,20 @@ def test_metadata_holds_the_test_transform_and_class_names(demo_export):
 def test_rank_dino_exports_and_checks(tmp_path):
     _, model = build(RANK_DINO)
     path = tmp_path / "rank_dino.onnx"
+    onnx_export.export_onnx(model, path)
+    assert onnx_export.custom_domain_ops(path) == []
+    rows = onnx_export.check_onnx(model, path, sizes=[(288, 416)], batch_sizes=[2], threads=2)
+    assert rows[0]["ok"], rows
+
+
+@pytest.mark.slow
+def test_dino_without_rank_components_exports_and_checks(tmp_path):
+    """The DINO decoder's other branches: no rank-adaptive head, no query rank layer. The demo
+    export covers the flags on; Rank-DETR with rch / qrl / all four off was checked with the
+    tool (one more export here would take the ONNX tests past their 3 minutes of CI)."""
+    _, model = build(DINO, overrides=SHALLOW)
+    assert model.rank.flags == "none"
+    path = tmp_path / "dino.onnx"
     onnx_export.export_onnx(model, path)
     assert onnx_export.custom_domain_ops(path) == []
     rows = onnx_export.check_onnx(model, path, sizes=[(288, 416)], batch_sizes=[2], threads=2)
@@ -153,3 +169,17 @@ def test_tool_help_runs_without_exporting():
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "export_onnx.py"), "--help"],
                             capture_output=True, text=True, check=True)  # fmt: skip
     assert "--check" in result.stdout
+
+
+def test_selection_gaps_are_the_margin_of_the_last_proposal():
+    """--check's near-tie diagnosis: the gap between the k-th and (k+1)-th encoder score."""
+    scores = torch.tensor([[0.9, 0.5, 0.3, 0.1], [0.8, 0.75, 0.7, 0.0]])
+    gaps = []
+    with onnx_export.recording_selection_gaps(gaps):
+        index = onnx_export.two_stage.top_proposal_indices(scores, 2)
+    assert (
+        onnx_export.two_stage.top_proposal_indices
+        is grid_proposals.__globals__["top_proposal_indices"]
+    )
+    assert index.tolist() == [[0, 1], [0, 1]]
+    assert gaps == [pytest.approx(0.05)]
