@@ -454,6 +454,8 @@ def onnx_session(path: str | Path, threads: int | None = None):
     require_onnx_packages("onnxruntime")
     import onnxruntime as ort
 
+    if not Path(path).is_file():  # else ONNX Runtime's NO_SUCHFILE traceback
+        raise FileNotFoundError(f"ONNX file not found: {path}")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
