@@ -66,6 +66,7 @@ from rankdetr.layers.box_ops import box_cxcywh_to_xyxy
 from rankdetr.layers.dtypes import at_least_float32
 from rankdetr.layers.ms_deform_attn_op import ms_deform_attn_reference
 from rankdetr.modeling import dino, encoder, two_stage
+from rankdetr.modeling.detector_base import level_start_index
 
 __all__ = [
     "ExportableDetector",
@@ -133,26 +134,12 @@ def _flatten_unpadded_levels(model: nn.Module, level_shapes: _LevelShapes, featu
     """
     table_dtype = at_least_float32(features[0].dtype)
     level_shapes.shapes = [(f.shape[-2], f.shape[-1]) for f in features]
-    srcs, poss, masks = [], [], []
-    for level, feature in enumerate(features):
-        mask = torch.zeros_like(feature[:, 0], dtype=torch.bool)  # (N, h, w)
-        pos = model.position_embedding(mask, table_dtype).to(feature.dtype)
-        srcs.append(feature.flatten(2).transpose(1, 2))
-        poss.append(pos.flatten(2).transpose(1, 2) + model.level_embeds[level])
-        masks.append(mask.flatten(1))
+    masks = [torch.zeros_like(f[:, 0], dtype=torch.bool) for f in features]  # (N, h, w)
+    src, pos, mask = model.embed_levels(features, masks, table_dtype)
     spatial_shapes = torch.stack([shape_tensor(f, [-2, -1]) for f in features])
-    sizes = spatial_shapes.prod(1)
-    level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
     n = features[0].shape[0]
     valid_ratios = features[0].new_ones(n, len(features), 2, dtype=table_dtype)
-    return (
-        torch.cat(srcs, 1),
-        torch.cat(poss, 1),
-        torch.cat(masks, 1),
-        spatial_shapes,
-        level_start_index,
-        valid_ratios,
-    )
+    return src, pos, mask, spatial_shapes, level_start_index(spatial_shapes), valid_ratios
 
 
 def _reference_attention(level_shapes: _LevelShapes, value, spatial_shapes, starts, locs, w):

@@ -51,31 +51,29 @@ class DeformableDetector(nn.Module):
         at least float32: float32 for float32, bf16 and fp16 runs (the release's numerics),
         float64 for float64 runs, so that those agree to float64 rounding on every CPU."""
         table_dtype = at_least_float32(features[0].dtype)
-        srcs, poss, masks, shapes = [], [], [], []
-        for level, feature in enumerate(features):
-            # Nearest resizing of a 0/1 mask is exact in any dtype; the table's avoids a float32
-            # copy in float64 runs.
-            resized = F.interpolate(padding_mask[None].to(table_dtype), size=feature.shape[-2:])
-            mask = resized[0].bool()
+        # Nearest resizing of a 0/1 mask is exact in any dtype; the table's avoids a float32
+        # copy in float64 runs.
+        masks = [
+            F.interpolate(padding_mask[None].to(table_dtype), size=f.shape[-2:])[0].bool()
+            for f in features
+        ]
+        src, pos, mask = self.embed_levels(features, masks, table_dtype)
+        shapes = [feature.shape[-2:] for feature in features]
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=padding_mask.device)
+        valid_ratios = torch.stack([_valid_ratio(m, table_dtype) for m in masks], 1)
+        return src, pos, mask, spatial_shapes, level_start_index(spatial_shapes), valid_ratios
+
+    def embed_levels(
+        self, features: list[torch.Tensor], masks: list[torch.Tensor], table_dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Levels (N, C, h_l, w_l) and their (N, h_l, w_l) padding masks -> src (N, S, C),
+        pos (N, S, C) (sine table in `table_dtype`, plus the level embeddings), mask (N, S)."""
+        srcs, poss = [], []
+        for level, (feature, mask) in enumerate(zip(features, masks)):
             pos = self.position_embedding(mask, table_dtype).to(feature.dtype)
             srcs.append(feature.flatten(2).transpose(1, 2))
             poss.append(pos.flatten(2).transpose(1, 2) + self.level_embeds[level])
-            masks.append(mask.flatten(1))
-            shapes.append(feature.shape[-2:])
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=padding_mask.device)
-        sizes = spatial_shapes.prod(1)
-        level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
-        valid_ratios = torch.stack(
-            [_valid_ratio(m.view(-1, *s), table_dtype) for m, s in zip(masks, shapes)], 1
-        )
-        return (
-            torch.cat(srcs, 1),
-            torch.cat(poss, 1),
-            torch.cat(masks, 1),
-            spatial_shapes,
-            level_start_index,
-            valid_ratios,
-        )
+        return torch.cat(srcs, 1), torch.cat(poss, 1), torch.cat([m.flatten(1) for m in masks], 1)
 
     def preprocess_images(self, batched_inputs: list[dict]) -> tuple[ImageList, torch.Tensor]:
         """Normalise and pad the images; (N, H, W) mask, True on padding."""
@@ -121,6 +119,12 @@ class DeformableDetector(nn.Module):
             instances.pred_classes = label
             results.append({"instances": instances})
         return results
+
+
+def level_start_index(spatial_shapes: torch.Tensor) -> torch.Tensor:
+    """(L, 2) level sizes (h, w) -> (L,) where each level starts in the flattened keys."""
+    sizes = spatial_shapes.prod(1)
+    return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
 
 
 def _valid_ratio(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
