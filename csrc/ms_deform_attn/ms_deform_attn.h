@@ -10,10 +10,10 @@
 //   output              (N, Lq, H * D)
 // Sampling matches grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False).
 //
-// The operators are declared once (ms_deform_attn.cpp, TORCH_LIBRARY(rankdetr, ...)) and each
-// backend registers its kernels with TORCH_LIBRARY_IMPL, so torch.ops.rankdetr.* dispatches by
-// device. Autograd and the fake (meta) implementation are registered from Python
-// (rankdetr/layers/ms_deform_attn.py).
+// The operators are declared once (ms_deform_attn.cpp, TORCH_LIBRARY(rankdetr, ...)), where each
+// backend's kernels are also registered for its dispatch key (TORCH_LIBRARY_IMPL), so
+// torch.ops.rankdetr.* dispatches by device. Autograd and the fake (meta) implementation are
+// registered from Python (rankdetr/layers/ms_deform_attn_op.py).
 #pragma once
 
 #include <torch/types.h>
@@ -22,44 +22,43 @@
 
 namespace rankdetr {
 
-at::Tensor ms_deform_attn_forward_cpu(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights);
+// The five inputs both operators start with, in their schema's order.
+struct Inputs {
+  const at::Tensor& value;
+  const at::Tensor& spatial_shapes;
+  const at::Tensor& level_start_index;
+  const at::Tensor& sampling_locations;
+  const at::Tensor& attention_weights;
+};
 
-// Returns (grad_value, grad_sampling_locations, grad_attention_weights). With
+// The sizes of one call, named as above.
+struct Sizes {
+  int64_t N, S, H, D, Lq, L, P;
+};
+
+// Checks the shapes and dtypes every backend relies on, so that a direct torch.ops call cannot
+// index out of bounds (the Python wrapper checks first, with friendlier messages). `op` starts
+// the messages. Devices, the supported dtypes and the level table are each backend's to check.
+Sizes check_shapes(const Inputs& in, const char* op);
+void check_grad_output_shape(const at::Tensor& grad_output, const Sizes& s, const char* op);
+
+// Each backend's kernels, registered for its dispatch key in ms_deform_attn.cpp. The backward
+// returns (grad_value, grad_sampling_locations, grad_attention_weights); with
 // compute_grad_value == false, grad_value is an empty (0,) tensor and is never computed (only the
 // locations and weights need a gradient).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights,
-    const at::Tensor& grad_output,
-    bool compute_grad_value);
+using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+at::Tensor ms_deform_attn_forward_cpu(const Inputs& in);
+Gradients ms_deform_attn_backward_cpu(
+    const Inputs& in, const at::Tensor& grad_output, bool compute_grad_value);
 
 #ifdef WITH_CUDA
-at::Tensor ms_deform_attn_forward_cuda(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights);
-
+at::Tensor ms_deform_attn_forward_cuda(const Inputs& in);
 // Accumulates grad_value with atomics, so it is nondeterministic: under
 // torch.use_deterministic_algorithms(True) it raises (alertNotDeterministic) when it has to
 // compute grad_value.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights,
-    const at::Tensor& grad_output,
-    bool compute_grad_value);
+Gradients ms_deform_attn_backward_cuda(
+    const Inputs& in, const at::Tensor& grad_output, bool compute_grad_value);
 #endif
 
 }  // namespace rankdetr

@@ -19,11 +19,15 @@
 //    their memory grows with the thread count.
 //  * On x86 the hot loops are compiled twice, for the baseline ISA and for AVX2+FMA, and the AVX2
 //    copy is picked at run time, because the build passes no -march flag (AVX2 is ~25% faster).
+//    RANKDETR_NO_AVX2=1 in the environment forces the baseline copy (read once per process).
+//  * The sampling arithmetic (pixel coordinates, clamping, corners and weights, the gradient of
+//    the location, the level table's validity) is the CUDA kernel's too: sampling.h. This file
+//    keeps the scheduling (batching, prefetching, the loops over D, the threads).
 //
 // Non-finite locations: as with grid_sample, a NaN or infinite location makes that sample NaN (so
 // its output row, and that point's location and weight gradients, become NaN) but never reads
-// memory: a location is only turned into an integer index after comparisons that are false for
-// NaN have proven it lies inside [-1, w) x [-1, h).
+// memory: its pixel coordinates are clamped before their integer conversion, so that no corner is
+// inside the map, and a point with no corner inside is skipped.
 //
 // Borders follow grid_sample: a point at exactly -1 in pixel space (the centre of the padding
 // pixel left of or above the map) has its other corners inside the map with weight 0, so its
@@ -35,7 +39,6 @@
 // gradient NaN; its weight gradient is grad_output . 0 = 0. CUDA and the reference agree.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -47,6 +50,7 @@
 #include <vector>
 
 #include "ms_deform_attn/ms_deform_attn.h"
+#include "ms_deform_attn/sampling.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__AVX2__)
 #define RANKDETR_AVX2_CLONE 1
@@ -64,9 +68,10 @@
 namespace rankdetr {
 namespace {
 
-// Sizes shared by both kernels, in elements.
-struct Geometry {
-  int64_t N, S, H, D, Lq, L, P;
+constexpr const char* kOp = "ms_deform_attn";  // starts the error messages
+
+// Sizes shared by both kernels, in elements, and the level table.
+struct Geometry : Sizes {
   std::vector<int64_t> level_h, level_w, level_start;
   bool levels_disjoint;  // no key belongs to two levels
   bool levels_tile;      // ... and every key belongs to one (as the Python wrapper enforces)
@@ -85,37 +90,29 @@ struct Corners {
   scalar_t fx, fy;  // fractional parts, kept for the location gradient
 };
 
+// Locates one point with the shared sampling core. Off the map (no corner inside, which includes
+// every non-finite location) the kernels skip the point, so they need to know only whether it is
+// finite; on it, the corners are resolved to key indices inside the level.
 template <typename scalar_t>
 RANKDETR_ALWAYS_INLINE Where locate(
     scalar_t loc_x, scalar_t loc_y, int64_t h, int64_t w, Corners<scalar_t>& c) {
-  // align_corners=False: normalised 0 and 1 are the outer edges of the first and last pixels.
-  const scalar_t x = loc_x * static_cast<scalar_t>(w) - static_cast<scalar_t>(0.5);
-  const scalar_t y = loc_y * static_cast<scalar_t>(h) - static_cast<scalar_t>(0.5);
-  // Written so that NaN fails it: only proven-finite, in-range values reach the integer casts.
-  // -1 itself is inside: its corner at 0 has weight 0 but carries the location gradient.
-  if (!(x >= static_cast<scalar_t>(-1) && x < static_cast<scalar_t>(w) &&
-        y >= static_cast<scalar_t>(-1) && y < static_cast<scalar_t>(h))) {
-    return (std::isfinite(x) && std::isfinite(y)) ? Where::kOutside : Where::kNonFinite;
+  const auto f = sampling::footprint<scalar_t, int64_t>(loc_x, loc_y, h, w);
+  if (!sampling::touches_map(f)) {
+    return (std::isfinite(f.x) && std::isfinite(f.y)) ? Where::kOutside : Where::kNonFinite;
   }
-  const scalar_t xf = std::floor(x);
-  const scalar_t yf = std::floor(y);
-  const int64_t x0 = static_cast<int64_t>(xf);  // in [-1, w - 1]
-  const int64_t y0 = static_cast<int64_t>(yf);  // in [-1, h - 1]
-  const scalar_t fx = x - xf;
-  const scalar_t fy = y - yf;
-  const scalar_t one = static_cast<scalar_t>(1);
-  c.fx = fx;
-  c.fy = fy;
-  c.weight[0] = (one - fx) * (one - fy);
-  c.weight[1] = fx * (one - fy);
-  c.weight[2] = (one - fx) * fy;
-  c.weight[3] = fx * fy;
-  const bool x0_ok = x0 >= 0, x1_ok = x0 + 1 < w, y0_ok = y0 >= 0, y1_ok = y0 + 1 < h;
-  c.valid[0] = x0_ok && y0_ok;
-  c.valid[1] = x1_ok && y0_ok;
-  c.valid[2] = x0_ok && y1_ok;
-  c.valid[3] = x1_ok && y1_ok;
-  c.row[0] = y0 * w + x0;
+  // Touching the map puts x0 in [-1, w - 1] and y0 in [-1, h - 1]: no clamp moved them.
+  const sampling::PerCorner<scalar_t> weights = sampling::bilinear_weights(f.fx, f.fy);
+  c.fx = f.fx;
+  c.fy = f.fy;
+  c.weight[0] = weights.c00;
+  c.weight[1] = weights.c01;
+  c.weight[2] = weights.c10;
+  c.weight[3] = weights.c11;
+  c.valid[0] = f.in00;
+  c.valid[1] = f.in01;
+  c.valid[2] = f.in10;
+  c.valid[3] = f.in11;
+  c.row[0] = f.y0 * w + f.x0;
   c.row[1] = c.row[0] + 1;
   c.row[2] = c.row[0] + w;
   c.row[3] = c.row[2] + 1;
@@ -285,18 +282,11 @@ template <typename scalar_t, int kD>
 RANKDETR_ALWAYS_INLINE void backward_corners(
     int64_t runtime_d,
     const scalar_t* __restrict__ go,
-    const scalar_t* __restrict__ r0,
-    const scalar_t* __restrict__ r1,
-    const scalar_t* __restrict__ r2,
-    const scalar_t* __restrict__ r3,
-    scalar_t* __restrict__ g0,
-    scalar_t* __restrict__ g1,
-    scalar_t* __restrict__ g2,
-    scalar_t* __restrict__ g3,
-    scalar_t w0,
-    scalar_t w1,
-    scalar_t w2,
-    scalar_t w3,
+    // Per corner k: the row read, the gradient row written, the weight.
+    const scalar_t* __restrict__ r0, scalar_t* __restrict__ g0, scalar_t w0,
+    const scalar_t* __restrict__ r1, scalar_t* __restrict__ g1, scalar_t w1,
+    const scalar_t* __restrict__ r2, scalar_t* __restrict__ g2, scalar_t w2,
+    const scalar_t* __restrict__ r3, scalar_t* __restrict__ g3, scalar_t w3,
     scalar_t* dot) {
   constexpr int kLanes = 8;
   const int64_t D = channels<kD>(runtime_d);
@@ -368,7 +358,6 @@ RANKDETR_ALWAYS_INLINE void backward_range(
   const int64_t groups = (H + heads_per_item - 1) / heads_per_item;
   const int64_t row_stride = H * D;
   const scalar_t nan = std::numeric_limits<scalar_t>::quiet_NaN();
-  const scalar_t one = static_cast<scalar_t>(1);
   Scratch<scalar_t> scratch(D);
   const scalar_t* zeros = scratch.zeros.data();
   scalar_t* sinks = scratch.sinks.data();
@@ -453,18 +442,20 @@ RANKDETR_ALWAYS_INLINE void backward_range(
           // d(sample)/d(corner row k) = weight k; d(loss)/d(sample) = a * grad_output.
           scalar_t dot[4];
           backward_corners<scalar_t, kD>(
-              D, point.grad_out, point.row[0], point.row[1], point.row[2], point.row[3],
-              point.grad_row[0], point.grad_row[1], point.grad_row[2], point.grad_row[3],
-              a * point.weight[0], a * point.weight[1], a * point.weight[2], a * point.weight[3],
-              dot);
+              D, point.grad_out,
+              point.row[0], point.grad_row[0], a * point.weight[0],
+              point.row[1], point.grad_row[1], a * point.weight[1],
+              point.row[2], point.grad_row[2], a * point.weight[2],
+              point.row[3], point.grad_row[3], a * point.weight[3], dot);
           // Outside corners read zeros, so their dot is 0 and they drop out of both gradients.
-          grad_attn[point.index] = point.weight[0] * dot[0] + point.weight[1] * dot[1] +
-              point.weight[2] * dot[2] + point.weight[3] * dot[3];
-          // Derivatives of the bilinear weights, times d(pixel)/d(normalised) = w or h.
-          grad_loc[2 * point.index] = a * scale_x *
-              ((dot[1] - dot[0]) * (one - point.fy) + (dot[3] - dot[2]) * point.fy);
-          grad_loc[2 * point.index + 1] = a * scale_y *
-              ((dot[2] - dot[0]) * (one - point.fx) + (dot[3] - dot[1]) * point.fx);
+          const sampling::PerCorner<scalar_t> w = {
+              point.weight[0], point.weight[1], point.weight[2], point.weight[3]};
+          grad_attn[point.index] = sampling::corner_dot(w, dot[0], dot[1], dot[2], dot[3]);
+          const sampling::Gradient2d<scalar_t> g_f =
+              sampling::fraction_gradient(point.fx, point.fy, dot[0], dot[1], dot[2], dot[3]);
+          // Times attn and d(pixel)/d(normalised) = w or h.
+          grad_loc[2 * point.index] = a * scale_x * g_f.x;
+          grad_loc[2 * point.index + 1] = a * scale_y * g_f.y;
         }
         count = 0;
       }
@@ -581,64 +572,18 @@ int64_t heads_per_item(const Geometry& g) {
   return (g.H + groups - 1) / groups;
 }
 
-// Checks the shape contract (the Python wrapper gives friendlier messages; these keep direct
-// torch.ops calls memory-safe) and reads the level table.
-Geometry check_inputs(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights) {
-  TORCH_CHECK(value.dim() == 4, "ms_deform_attn: value must be (N, S, H, D), got ", value.sizes());
-  TORCH_CHECK(
-      sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
-      "ms_deform_attn: sampling_locations must be (N, Lq, H, L, P, 2), got ",
-      sampling_locations.sizes());
-  TORCH_CHECK(
-      attention_weights.dim() == 5,
-      "ms_deform_attn: attention_weights must be (N, Lq, H, L, P), got ",
-      attention_weights.sizes());
+// Checks the inputs (the shared shape checks, the device, the level table; the Python wrapper gives
+// friendlier messages, these keep direct torch.ops calls memory-safe) and reads the level table.
+Geometry check_inputs(const Inputs& in) {
   Geometry g;
-  g.N = value.size(0);
-  g.S = value.size(1);
-  g.H = value.size(2);
-  g.D = value.size(3);
-  g.Lq = sampling_locations.size(1);
-  g.L = sampling_locations.size(3);
-  g.P = sampling_locations.size(4);
-  TORCH_CHECK(
-      sampling_locations.size(0) == g.N && sampling_locations.size(2) == g.H,
-      "ms_deform_attn: sampling_locations ", sampling_locations.sizes(),
-      " does not match value ", value.sizes());
-  TORCH_CHECK(
-      attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
-      "ms_deform_attn: attention_weights ", attention_weights.sizes(),
-      " does not match sampling_locations ", sampling_locations.sizes());
-  TORCH_CHECK(
-      spatial_shapes.dim() == 2 && spatial_shapes.size(0) == g.L && spatial_shapes.size(1) == 2,
-      "ms_deform_attn: spatial_shapes must be (L, 2) with L = ", g.L, ", got ",
-      spatial_shapes.sizes());
-  TORCH_CHECK(
-      level_start_index.dim() == 1 && level_start_index.size(0) == g.L,
-      "ms_deform_attn: level_start_index must be (L,) with L = ", g.L, ", got ",
-      level_start_index.sizes());
-  TORCH_CHECK(
-      !at::isFloatingType(spatial_shapes.scalar_type()) &&
-          !at::isFloatingType(level_start_index.scalar_type()),
-      "ms_deform_attn: spatial_shapes and level_start_index must be integer tensors");
-  TORCH_CHECK(
-      sampling_locations.scalar_type() == value.scalar_type() &&
-          attention_weights.scalar_type() == value.scalar_type(),
-      "ms_deform_attn: value, sampling_locations and attention_weights must share a dtype, got ",
-      value.scalar_type(), ", ", sampling_locations.scalar_type(), ", ",
-      attention_weights.scalar_type());
-  for (const at::Tensor* t : {&value, &spatial_shapes, &level_start_index, &sampling_locations,
-                              &attention_weights}) {
-    TORCH_CHECK(t->device().is_cpu(), "ms_deform_attn: all inputs must be on the CPU");
+  static_cast<Sizes&>(g) = check_shapes(in, kOp);
+  for (const at::Tensor* t : {&in.value, &in.spatial_shapes, &in.level_start_index,
+                              &in.sampling_locations, &in.attention_weights}) {
+    TORCH_CHECK(t->device().is_cpu(), kOp, ": all inputs must be on the CPU");
   }
 
-  const at::Tensor shapes = spatial_shapes.to(at::kLong).contiguous();
-  const at::Tensor starts = level_start_index.to(at::kLong).contiguous();
+  const at::Tensor shapes = in.spatial_shapes.to(at::kLong).contiguous();
+  const at::Tensor starts = in.level_start_index.to(at::kLong).contiguous();
   const int64_t* shapes_p = shapes.data_ptr<int64_t>();
   const int64_t* starts_p = starts.data_ptr<int64_t>();
   g.level_h.resize(g.L);
@@ -648,8 +593,8 @@ Geometry check_inputs(
     const int64_t h = shapes_p[2 * l], w = shapes_p[2 * l + 1], start = starts_p[l];
     // Every key a level can index must lie inside value: this is what keeps reads in bounds.
     TORCH_CHECK(
-        h >= 0 && w >= 0 && start >= 0 && (h == 0 || w <= (g.S - start) / h),
-        "ms_deform_attn: level ", l, " (h=", h, ", w=", w, ", start=", start,
+        sampling::level_fits(start, h, w, g.S),
+        kOp, ": level ", l, " (h=", h, ", w=", w, ", start=", start,
         ") does not fit in value's S = ", g.S);
     g.level_h[l] = h;
     g.level_w[l] = w;
@@ -676,21 +621,15 @@ Geometry check_inputs(
 
 }  // namespace
 
-at::Tensor ms_deform_attn_forward_cpu(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights) {
-  const Geometry g = check_inputs(
-      value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  const at::Tensor value_c = value.contiguous();
-  const at::Tensor loc_c = sampling_locations.contiguous();
-  const at::Tensor attn_c = attention_weights.contiguous();
-  at::Tensor out = at::empty({g.N, g.Lq, g.H * g.D}, value.options());
+at::Tensor ms_deform_attn_forward_cpu(const Inputs& in) {
+  const Geometry g = check_inputs(in);
+  const at::Tensor value_c = in.value.contiguous();
+  const at::Tensor loc_c = in.sampling_locations.contiguous();
+  const at::Tensor attn_c = in.attention_weights.contiguous();
+  at::Tensor out = at::empty({g.N, g.Lq, g.H * g.D}, value_c.options());
   if (out.numel() == 0) return out;
 
-  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(value_c.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
     const ForwardFn<scalar_t> fn = select_forward<scalar_t>(g.D);
     const scalar_t* v = value_c.data_ptr<scalar_t>();
     const scalar_t* loc = loc_c.data_ptr<scalar_t>();
@@ -704,26 +643,15 @@ at::Tensor ms_deform_attn_forward_cpu(
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights,
-    const at::Tensor& grad_output,
-    bool compute_grad_value) {
-  const Geometry g = check_inputs(
-      value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  TORCH_CHECK(
-      grad_output.dim() == 3 && grad_output.size(0) == g.N && grad_output.size(1) == g.Lq &&
-          grad_output.size(2) == g.H * g.D,
-      "ms_deform_attn_backward: grad_output must be (N, Lq, H * D) = (", g.N, ", ", g.Lq, ", ",
-      g.H * g.D, "), got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.device().is_cpu(), "ms_deform_attn_backward: grad_output must be on CPU");
-  const at::Tensor value_c = value.contiguous();
-  const at::Tensor loc_c = sampling_locations.contiguous();
-  const at::Tensor attn_c = attention_weights.contiguous();
-  const at::Tensor grad_out_c = grad_output.to(value.scalar_type()).contiguous();
+Gradients ms_deform_attn_backward_cpu(
+    const Inputs& in, const at::Tensor& grad_output, bool compute_grad_value) {
+  const Geometry g = check_inputs(in);
+  check_grad_output_shape(grad_output, g, kOp);
+  TORCH_CHECK(grad_output.device().is_cpu(), kOp, ": grad_output must be on the CPU");
+  const at::Tensor value_c = in.value.contiguous();
+  const at::Tensor loc_c = in.sampling_locations.contiguous();
+  const at::Tensor attn_c = in.attention_weights.contiguous();
+  const at::Tensor grad_out_c = grad_output.to(value_c.scalar_type()).contiguous();
   // grad_value is accumulated into: zeroed by the items that own its rows when the levels tile S,
   // else here. The other two are written entry by entry.
   at::Tensor grad_value =
@@ -738,7 +666,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   }
   if (!g.levels_tile && compute_grad_value) grad_value.zero_();
 
-  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(value_c.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     const BackwardFn<scalar_t> fn = select_backward<scalar_t>(g.D);
     const scalar_t* v = value_c.data_ptr<scalar_t>();
     const scalar_t* loc = loc_c.data_ptr<scalar_t>();
@@ -756,11 +684,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     });
   });
   return {grad_value, grad_loc, grad_attn};
-}
-
-TORCH_LIBRARY_IMPL(rankdetr, CPU, m) {
-  m.impl("ms_deform_attn_forward", &ms_deform_attn_forward_cpu);
-  m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
 }
 
 }  // namespace rankdetr

@@ -1,8 +1,8 @@
 // CUDA kernels of the multi-scale deformable attention op (see ms_deform_attn.h for the shapes).
 //
-// Sampling is bilinear with zero padding, as grid_sample(align_corners=False) on the grid 2*loc-1:
-// the pixel coordinates of a normalised location (lx, ly) on a level of size (h, w) are
-// x = lx * w - 0.5, y = ly * h - 0.5, and corners outside the map read as zero.
+// This file is the scheduling only: thread mapping, vector loads, atomics and warp shuffles. The
+// sampling arithmetic (pixel coordinates, clamping, corners and bilinear weights, the gradient of
+// the location, the level table's validity) is the one the CPU kernel uses too, in sampling.h.
 //
 // Work split (VEC = 4 channels a thread for float32/float16/bfloat16, 2 for float64, when D is a
 // multiple of VEC and the pointers are aligned; otherwise VEC = 1, which handles any D):
@@ -25,24 +25,25 @@
 // the current stream (c10::cuda::getCurrentCUDAStream, the stream at::cuda::getCurrentCUDAStream
 // returns; c10's header avoids ATen/cuda/CUDAContext.h, which needs the cuSPARSE/cuBLAS headers).
 // spatial_shapes / level_start_index are read on the device (no host synchronisation). A level
-// whose (start, h, w) does not fit inside S is treated as empty (it samples zeros) rather than
-// raising, since checking it on the host would need a sync: inconsistent shapes can never read or
-// write out of bounds. Non-finite coordinates are clamped before their integer conversion and all
-// their corners then fail the bounds checks; their (NaN) bilinear weights still multiply the zero
-// padding, so NaN propagates to the outputs as in grid_sample.
+// whose (start, h, w) does not fit inside S is treated as empty (sampling::usable_level: it samples
+// zeros) rather than raising, since checking it on the host would need a sync: inconsistent shapes
+// can never read or write out of bounds. Non-finite coordinates are clamped before their integer
+// conversion (sampling::clamp_to_index) and all their corners then fail the bounds checks; their
+// (NaN) bilinear weights still multiply the zero padding, so NaN propagates to the outputs as in
+// grid_sample.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <cstdint>
 #include <limits>
 #include <tuple>
 
 #include "ms_deform_attn/ms_deform_attn.h"
+#include "ms_deform_attn/sampling.h"
 
 namespace rankdetr {
 namespace {
@@ -61,15 +62,10 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // Device helpers
 // ---------------------------------------------------------------------------------------------
 
-struct LevelInfo {
-  int64_t start;  // offset of the level inside S
-  int h;
-  int w;
-};
+using LevelInfo = sampling::Level<int>;
 static_assert(sizeof(LevelInfo) == 16, "LevelInfo is expected to be 16 bytes");
 
-// Copies the level table into shared memory. A level that does not fit inside [0, S) is made empty
-// (h = w = 0), so that no corner of it is ever in bounds.
+// Copies the level table into shared memory, inconsistent levels made empty.
 __device__ __forceinline__ void load_levels(
     const int64_t* __restrict__ spatial_shapes,
     const int64_t* __restrict__ level_start_index,
@@ -77,69 +73,17 @@ __device__ __forceinline__ void load_levels(
     int64_t S,
     LevelInfo* levels) {
   for (int l = threadIdx.x; l < L; l += blockDim.x) {
-    const int64_t h = spatial_shapes[2 * l];
-    const int64_t w = spatial_shapes[2 * l + 1];
-    const int64_t start = level_start_index[l];
-    // S <= INT_MAX (checked on the host), so h * w cannot overflow once h, w <= S.
-    const bool ok = h >= 0 && w >= 0 && h <= S && w <= S && start >= 0 && start <= S &&
-        h * w <= S - start;
-    LevelInfo info;
-    info.start = ok ? start : 0;
-    info.h = ok ? static_cast<int>(h) : 0;
-    info.w = ok ? static_cast<int>(w) : 0;
-    levels[l] = info;
+    levels[l] = sampling::usable_level<int>(
+        level_start_index[l], spatial_shapes[2 * l], spatial_shapes[2 * l + 1], S);
   }
 }
 
-__device__ __forceinline__ float dev_floor(float v) { return floorf(v); }
-__device__ __forceinline__ double dev_floor(double v) { return floor(v); }
-// floor(v) as an int in [-2, size]: a value clamped there has all its corners outside [0, size),
-// exactly like the unclamped one. The float is first clamped to [-2, 2^30] (exact in float, and
-// fmax/fmin turn NaN into -2), converted, and only then clamped to `size` in integers: clamping
-// to float(size) would round sizes above 2^24 and could land a far-right point on the last column.
-__device__ __forceinline__ int clamp_to_int(float v, int size) {
-  const int i = static_cast<int>(fminf(fmaxf(v, -2.0f), 1073741824.0f));
-  return min(i, size);
-}
-__device__ __forceinline__ int clamp_to_int(double v, int size) {
-  const int i = static_cast<int>(fmin(fmax(v, -2.0), 1073741824.0));
-  return min(i, size);
-}
-
-// Bilinear footprint of one sampling point on one level.
+// Element offset of corner (y0, x0) from the level's first key; key_stride: elements between
+// consecutive keys (H * D). The kernels read or write there only where the corner is in bounds.
 template <typename acc_t>
-struct Bilinear {
-  acc_t fx, fy;     // fractional parts of the pixel coordinates (x - x0, y - y0)
-  int64_t off00;    // element offset of corner (y0, x0) from the level's first key
-  bool in00, in01, in10, in11;  // corner (y0 + dy, x0 + dx) lies inside the map, as in{dy}{dx}
-};
-
-// (lx, ly): normalised location; key_stride: elements between consecutive keys (H * D).
-template <typename acc_t>
-__device__ __forceinline__ Bilinear<acc_t> bilinear_setup(
-    acc_t lx, acc_t ly, int h, int w, int64_t key_stride) {
-  Bilinear<acc_t> b;
-  const acc_t x = lx * static_cast<acc_t>(w) - static_cast<acc_t>(0.5);
-  const acc_t y = ly * static_cast<acc_t>(h) - static_cast<acc_t>(0.5);
-  const acc_t x0f = dev_floor(x);
-  const acc_t y0f = dev_floor(y);
-  b.fx = x - x0f;
-  b.fy = y - y0f;
-  // Clamp into [-2, size] (NaN -> -2, +-inf -> an end): a clamped value has both of its corners
-  // outside [0, size), exactly like the unclamped one. x = -1 keeps its corner at 0 (weight 0,
-  // non-zero location gradient), as grid_sample and the CPU kernel do.
-  const int x0 = clamp_to_int(x0f, w);
-  const int y0 = clamp_to_int(y0f, h);
-  const bool x0_in = x0 >= 0 && x0 < w;
-  const bool x1_in = x0 >= -1 && x0 < w - 1;
-  const bool y0_in = y0 >= 0 && y0 < h;
-  const bool y1_in = y0 >= -1 && y0 < h - 1;
-  b.in00 = y0_in && x0_in;
-  b.in01 = y0_in && x1_in;
-  b.in10 = y1_in && x0_in;
-  b.in11 = y1_in && x1_in;
-  b.off00 = (static_cast<int64_t>(y0) * w + x0) * key_stride;
-  return b;
+__device__ __forceinline__ int64_t corner_offset(
+    const sampling::Footprint<acc_t, int>& b, int w, int64_t key_stride) {
+  return (static_cast<int64_t>(b.y0) * w + b.x0) * key_stride;
 }
 
 // Raw integer type of a vector of BYTES bytes, for single-instruction loads and stores.
@@ -292,31 +236,31 @@ __global__ void __launch_bounds__(kThreadsPerBlock, min_blocks_per_sm<scalar_t>(
     const LevelInfo level = levels[l];
     const scalar_t* value_l = value_nh + level.start * key_stride;
     const int64_t row_stride = static_cast<int64_t>(level.w) * key_stride;
+    // Kept rolled: nvcc's choice to unroll it flips with small changes elsewhere and costs
+    // registers (unrolled by two, the float64 VEC = 2 kernel took 80 instead of 60). Rolled, the
+    // VEC = 1 kernels, which nvcc used to unroll, take 46-52 registers instead of 56-78
+    // (README.md, "Building for a GPU").
+#pragma unroll 1
     for (int p = 0; p < P; ++p, loc += 2, ++attn) {
       const acc_t a = static_cast<acc_t>(attn[0]);
-      const Bilinear<acc_t> b = bilinear_setup<acc_t>(
-          static_cast<acc_t>(loc[0]), static_cast<acc_t>(loc[1]), level.h, level.w, key_stride);
+      const auto b = sampling::footprint<acc_t, int>(
+          static_cast<acc_t>(loc[0]), static_cast<acc_t>(loc[1]), level.h, level.w);
 
       acc_t v00[VEC], v01[VEC], v10[VEC], v11[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         v00[j] = v01[j] = v10[j] = v11[j] = acc_t(0);
       }
-      const scalar_t* p00 = value_l + b.off00;  // dereferenced only where in bounds
+      const scalar_t* p00 = value_l + corner_offset(b, level.w, key_stride);
       if (b.in00) load_vec<VEC>(p00, v00);
       if (b.in01) load_vec<VEC>(p00 + key_stride, v01);
       if (b.in10) load_vec<VEC>(p00 + row_stride, v10);
       if (b.in11) load_vec<VEC>(p00 + row_stride + key_stride, v11);
 
-      const acc_t gx = acc_t(1) - b.fx;
-      const acc_t gy = acc_t(1) - b.fy;
-      const acc_t w00 = a * gy * gx;
-      const acc_t w01 = a * gy * b.fx;
-      const acc_t w10 = a * b.fy * gx;
-      const acc_t w11 = a * b.fy * b.fx;
+      const sampling::PerCorner<acc_t> w = sampling::scaled_bilinear_weights(a, b.fx, b.fy);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        acc[j] += w00 * v00[j] + w01 * v01[j] + w10 * v10[j] + w11 * v11[j];
+        acc[j] += w.c00 * v00[j] + w.c01 * v01[j] + w.c10 * v10[j] + w.c11 * v11[j];
       }
     }
   }
@@ -336,7 +280,7 @@ __device__ __forceinline__ void backward_chunk(
     acc_t* __restrict__ grad_value_p00,
     int64_t key_stride,
     int64_t row_stride,
-    const Bilinear<acc_t>& b,
+    const sampling::Footprint<acc_t, int>& b,
     acc_t a00, acc_t a01, acc_t a10, acc_t a11,  // attn * bilinear weight of each corner
     const acc_t (&go)[VEC],
     int c,
@@ -439,24 +383,20 @@ __global__ void __launch_bounds__(kThreadsPerBlock, min_blocks_per_sm<scalar_t>(
     for (int p = 0; p < P; ++p) {
       const int64_t idx = point_base + l * P + p;
       const acc_t a = static_cast<acc_t>(attention_weights[idx]);
-      const Bilinear<acc_t> b = bilinear_setup<acc_t>(
+      const auto b = sampling::footprint<acc_t, int>(
           static_cast<acc_t>(sampling_locations[2 * idx]),
-          static_cast<acc_t>(sampling_locations[2 * idx + 1]), level.h, level.w, key_stride);
-      const acc_t gx = acc_t(1) - b.fx;
-      const acc_t gy = acc_t(1) - b.fy;
-      const acc_t w00 = gy * gx;
-      const acc_t w01 = gy * b.fx;
-      const acc_t w10 = b.fy * gx;
-      const acc_t w11 = b.fy * b.fx;
+          static_cast<acc_t>(sampling_locations[2 * idx + 1]), level.h, level.w);
+      const sampling::PerCorner<acc_t> w = sampling::bilinear_weights(b.fx, b.fy);
 
-      const scalar_t* value_p00 = value_nh + level_offset + b.off00;
+      const int64_t off00 = corner_offset(b, level.w, key_stride);
+      const scalar_t* value_p00 = value_nh + level_offset + off00;
       acc_t* grad_value_p00 =
-          grad_value_nh != nullptr ? grad_value_nh + level_offset + b.off00 : nullptr;
+          grad_value_nh != nullptr ? grad_value_nh + level_offset + off00 : nullptr;
       acc_t t00 = acc_t(0), t01 = acc_t(0), t10 = acc_t(0), t11 = acc_t(0);
       if (c0 < D) {
         backward_chunk<scalar_t, acc_t, VEC>(
-            value_p00, grad_value_p00, key_stride, row_stride, b, a * w00, a * w01, a * w10,
-            a * w11, go0, c0, write_value, t00, t01, t10, t11);
+            value_p00, grad_value_p00, key_stride, row_stride, b, a * w.c00, a * w.c01,
+            a * w.c10, a * w.c11, go0, c0, write_value, t00, t01, t10, t11);
       }
       for (int k = 1; k < num_chunks; ++k) {
         const int c = c0 + k * chunk_stride;
@@ -464,22 +404,18 @@ __global__ void __launch_bounds__(kThreadsPerBlock, min_blocks_per_sm<scalar_t>(
           acc_t go[VEC];
           load_vec<VEC>(grad_out + c, go);
           backward_chunk<scalar_t, acc_t, VEC>(
-              value_p00, grad_value_p00, key_stride, row_stride, b, a * w00, a * w01, a * w10,
-              a * w11, go, c, write_value, t00, t01, t10, t11);
+              value_p00, grad_value_p00, key_stride, row_stride, b, a * w.c00, a * w.c01,
+              a * w.c10, a * w.c11, go, c, write_value, t00, t01, t10, t11);
         }
       }
 
-      // sampled = sum_ab w_ab * value_ab, so with t_ab = grad_out . value_ab:
-      //   d/d attn = sum_ab w_ab t_ab,
-      //   d/d fx   = attn * ((1 - fy) (t01 - t00) + fy (t11 - t10)),
-      //   d/d fy   = attn * ((1 - fx) (t10 - t00) + fx (t11 - t01)),
-      // and dfx/dlx = w, dfy/dly = h.
-      acc_t g_attn = w00 * t00 + w01 * t01 + w10 * t10 + w11 * t11;
-      acc_t g_x = gy * (t01 - t00) + b.fy * (t11 - t10);
-      acc_t g_y = gx * (t10 - t00) + b.fx * (t11 - t01);
-      g_attn = group_sum(g_attn, group);
-      g_x = group_sum(g_x, group);
-      g_y = group_sum(g_y, group);
+      // Both gradients are linear in this lane's partial dot products t_ab, so they are formed
+      // per lane and summed over the group; the chain-rule factor attn * size comes after.
+      const sampling::Gradient2d<acc_t> g_f =
+          sampling::fraction_gradient(b.fx, b.fy, t00, t01, t10, t11);
+      const acc_t g_attn = group_sum(sampling::corner_dot(w, t00, t01, t10, t11), group);
+      const acc_t g_x = group_sum(g_f.x, group);
+      const acc_t g_y = group_sum(g_f.y, group);
       if (active && lane == 0) {
         grad_attention_weights[idx] = static_cast<scalar_t>(g_attn);
         grad_sampling_locations[2 * idx] = static_cast<scalar_t>(a * g_x * w_f);
@@ -493,78 +429,33 @@ __global__ void __launch_bounds__(kThreadsPerBlock, min_blocks_per_sm<scalar_t>(
 // Host side
 // ---------------------------------------------------------------------------------------------
 
-struct Sizes {
-  int64_t N, S, H, D, Lq, L, P;
-};
+constexpr const char* kOp = "ms_deform_attn (CUDA)";  // starts the error messages
 
 void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& value) {
-  TORCH_CHECK(t.device() == value.device(), "ms_deform_attn (CUDA): ", name,
+  TORCH_CHECK(t.device() == value.device(), kOp, ": ", name,
               " must be on the same device as value (", value.device(), "), got ", t.device());
 }
 
-Sizes check_inputs(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights) {
-  TORCH_CHECK(value.is_cuda(), "ms_deform_attn (CUDA): value must be a CUDA tensor, got ",
-              value.device());
-  check_same_device(spatial_shapes, "spatial_shapes", value);
-  check_same_device(level_start_index, "level_start_index", value);
-  check_same_device(sampling_locations, "sampling_locations", value);
-  check_same_device(attention_weights, "attention_weights", value);
-
-  // Integer tables of any width are accepted (converted to int64 on the device, without a sync).
-  TORCH_CHECK(at::isIntegralType(spatial_shapes.scalar_type(), /*includeBool=*/false),
-              "ms_deform_attn (CUDA): spatial_shapes must be an integer tensor (int64), got ",
-              spatial_shapes.scalar_type());
-  TORCH_CHECK(at::isIntegralType(level_start_index.scalar_type(), /*includeBool=*/false),
-              "ms_deform_attn (CUDA): level_start_index must be an integer tensor (int64), got ",
-              level_start_index.scalar_type());
-  const auto dtype = value.scalar_type();
+// The shared shape checks, plus what this kernel needs: one device, its dtypes, sizes that fit
+// its int indices and its shared-memory level table.
+Sizes check_inputs(const Inputs& in) {
+  TORCH_CHECK(in.value.is_cuda(), kOp, ": value must be a CUDA tensor, got ", in.value.device());
+  check_same_device(in.spatial_shapes, "spatial_shapes", in.value);
+  check_same_device(in.level_start_index, "level_start_index", in.value);
+  check_same_device(in.sampling_locations, "sampling_locations", in.value);
+  check_same_device(in.attention_weights, "attention_weights", in.value);
+  const auto dtype = in.value.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
                   dtype == at::kDouble,
-              "ms_deform_attn (CUDA): value must be float32, float16, bfloat16 or float64, got ",
-              dtype);
-  TORCH_CHECK(sampling_locations.scalar_type() == dtype,
-              "ms_deform_attn (CUDA): sampling_locations must have value's dtype (", dtype,
-              "), got ", sampling_locations.scalar_type());
-  TORCH_CHECK(attention_weights.scalar_type() == dtype,
-              "ms_deform_attn (CUDA): attention_weights must have value's dtype (", dtype,
-              "), got ", attention_weights.scalar_type());
-
-  TORCH_CHECK(value.dim() == 4, "ms_deform_attn (CUDA): value must be (N, S, H, D), got shape ",
-              value.sizes());
-  Sizes s;
-  s.N = value.size(0);
-  s.S = value.size(1);
-  s.H = value.size(2);
-  s.D = value.size(3);
-  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
-              "ms_deform_attn (CUDA): spatial_shapes must be (L, 2), got shape ",
-              spatial_shapes.sizes());
-  s.L = spatial_shapes.size(0);
-  TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == s.L,
-              "ms_deform_attn (CUDA): level_start_index must be (L,) = (", s.L, ",), got shape ",
-              level_start_index.sizes());
-  TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(0) == s.N &&
-                  sampling_locations.size(2) == s.H && sampling_locations.size(3) == s.L &&
-                  sampling_locations.size(5) == 2,
-              "ms_deform_attn (CUDA): sampling_locations must be (N, Lq, H, L, P, 2) with N=", s.N,
-              ", H=", s.H, ", L=", s.L, ", got shape ", sampling_locations.sizes());
-  s.Lq = sampling_locations.size(1);
-  s.P = sampling_locations.size(4);
-  TORCH_CHECK(attention_weights.sizes() == at::IntArrayRef({s.N, s.Lq, s.H, s.L, s.P}),
-              "ms_deform_attn (CUDA): attention_weights must be (N, Lq, H, L, P) = (", s.N, ", ",
-              s.Lq, ", ", s.H, ", ", s.L, ", ", s.P, "), got shape ", attention_weights.sizes());
+              kOp, ": value must be float32, float16, bfloat16 or float64, got ", dtype);
+  const Sizes s = check_shapes(in, kOp);
 
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(s.L <= kMaxLevels, "ms_deform_attn (CUDA): at most ", kMaxLevels,
-              " levels are supported, got ", s.L);
+  TORCH_CHECK(s.L <= kMaxLevels, kOp, ": at most ", kMaxLevels, " levels are supported, got ",
+              s.L);
   TORCH_CHECK(s.S <= kIntMax && s.H * s.D <= kIntMax && s.Lq <= kIntMax && s.L * s.P <= kIntMax,
-              "ms_deform_attn (CUDA): sizes too large for the kernel (S=", s.S, ", H*D=",
-              s.H * s.D, ", Lq=", s.Lq, ", L*P=", s.L * s.P, ")");
+              kOp, ": sizes too large for the kernel (S=", s.S, ", H*D=", s.H * s.D, ", Lq=",
+              s.Lq, ", L*P=", s.L * s.P, ")");
   return s;
 }
 
@@ -575,7 +466,7 @@ bool is_aligned(const void* ptr, int64_t bytes) {
 int64_t num_blocks(int64_t num_threads) {
   const int64_t blocks = (num_threads + kThreadsPerBlock - 1) / kThreadsPerBlock;
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(),
-              "ms_deform_attn (CUDA): problem too large (", num_threads, " threads)");
+              kOp, ": problem too large (", num_threads, " threads)");
   return blocks;
 }
 
@@ -586,42 +477,43 @@ constexpr int vec_width() {
   return sizeof(scalar_t) >= 8 ? 2 : 4;
 }
 
+// The inputs as the kernels read them: contiguous, with int64 level tables (converted on the
+// device, without a sync), on the current device.
+struct DeviceInputs {
+  at::Tensor value, spatial_shapes, level_start_index, sampling_locations, attention_weights;
+};
+
+DeviceInputs device_inputs(const Inputs& in) {
+  return {in.value.contiguous(), in.spatial_shapes.to(at::kLong).contiguous(),
+          in.level_start_index.to(at::kLong).contiguous(), in.sampling_locations.contiguous(),
+          in.attention_weights.contiguous()};
+}
+
 template <typename scalar_t, int VEC>
-void launch_forward(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights,
-    at::Tensor& output,
-    const Sizes& s,
-    cudaStream_t stream) {
+void launch_forward(const DeviceInputs& in, at::Tensor& output, const Sizes& s,
+                    cudaStream_t stream) {
   const int64_t num_threads = s.N * s.Lq * s.H * (s.D / VEC);
   ms_deform_attn_forward_kernel<scalar_t, VEC>
       <<<num_blocks(num_threads), kThreadsPerBlock, s.L * sizeof(LevelInfo), stream>>>(
-          value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
-          level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<scalar_t>(),
-          attention_weights.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), num_threads, s.S,
-          static_cast<int>(s.H), static_cast<int>(s.D), static_cast<int>(s.Lq),
+          in.value.data_ptr<scalar_t>(), in.spatial_shapes.data_ptr<int64_t>(),
+          in.level_start_index.data_ptr<int64_t>(), in.sampling_locations.data_ptr<scalar_t>(),
+          in.attention_weights.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), num_threads,
+          s.S, static_cast<int>(s.H), static_cast<int>(s.D), static_cast<int>(s.Lq),
           static_cast<int>(s.L), static_cast<int>(s.P));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The backward's outputs; grad_value_acc is in the op-math type, empty when not computed.
+struct GradientBuffers {
+  at::Tensor grad_value_acc, grad_sampling_locations, grad_attention_weights;
+};
+
 template <typename scalar_t, int VEC>
-void launch_backward(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights,
-    const at::Tensor& grad_output,
-    at::Tensor& grad_value_acc,  // empty: grad_value is not computed
-    at::Tensor& grad_sampling_locations,
-    at::Tensor& grad_attention_weights,
-    const Sizes& s,
-    cudaStream_t stream) {
+void launch_backward(const DeviceInputs& in, const at::Tensor& grad_output, GradientBuffers& out,
+                     const Sizes& s, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
-  acc_t* grad_value_p = grad_value_acc.numel() > 0 ? grad_value_acc.data_ptr<acc_t>() : nullptr;
+  acc_t* grad_value_p =
+      out.grad_value_acc.numel() > 0 ? out.grad_value_acc.data_ptr<acc_t>() : nullptr;
   // Lanes per head: enough for one chunk of VEC channels each, a power of two, at most a warp.
   const int64_t chunks = (s.D + VEC - 1) / VEC;
   int log2_group = 0;
@@ -632,128 +524,91 @@ void launch_backward(
   const int64_t num_threads = num_heads << log2_group;
   ms_deform_attn_backward_kernel<scalar_t, VEC>
       <<<num_blocks(num_threads), kThreadsPerBlock, s.L * sizeof(LevelInfo), stream>>>(
-          value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
-          level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<scalar_t>(),
-          attention_weights.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(),
-          grad_value_p, grad_sampling_locations.data_ptr<scalar_t>(),
-          grad_attention_weights.data_ptr<scalar_t>(), num_heads, s.S, static_cast<int>(s.H),
-          static_cast<int>(s.D), static_cast<int>(s.Lq), static_cast<int>(s.L),
-          static_cast<int>(s.P), log2_group);
+          in.value.data_ptr<scalar_t>(), in.spatial_shapes.data_ptr<int64_t>(),
+          in.level_start_index.data_ptr<int64_t>(), in.sampling_locations.data_ptr<scalar_t>(),
+          in.attention_weights.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(),
+          grad_value_p, out.grad_sampling_locations.data_ptr<scalar_t>(),
+          out.grad_attention_weights.data_ptr<scalar_t>(), num_heads, s.S,
+          static_cast<int>(s.H), static_cast<int>(s.D), static_cast<int>(s.Lq),
+          static_cast<int>(s.L), static_cast<int>(s.P), log2_group);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-at::Tensor ms_deform_attn_forward_cuda(
-    const at::Tensor& value_in,
-    const at::Tensor& spatial_shapes_in,
-    const at::Tensor& level_start_index_in,
-    const at::Tensor& sampling_locations_in,
-    const at::Tensor& attention_weights_in) {
-  const Sizes s = check_inputs(value_in, spatial_shapes_in, level_start_index_in,
-                               sampling_locations_in, attention_weights_in);
-  const c10::cuda::CUDAGuard device_guard(value_in.device());
-  const at::Tensor value = value_in.contiguous();
-  const at::Tensor spatial_shapes = spatial_shapes_in.to(at::kLong).contiguous();
-  const at::Tensor level_start_index = level_start_index_in.to(at::kLong).contiguous();
-  const at::Tensor sampling_locations = sampling_locations_in.contiguous();
-  const at::Tensor attention_weights = attention_weights_in.contiguous();
+at::Tensor ms_deform_attn_forward_cuda(const Inputs& inputs) {
+  const Sizes s = check_inputs(inputs);
+  const c10::cuda::CUDAGuard device_guard(inputs.value.device());
+  const DeviceInputs in = device_inputs(inputs);
 
-  at::Tensor output = at::empty({s.N, s.Lq, s.H * s.D}, value.options());
+  at::Tensor output = at::empty({s.N, s.Lq, s.H * s.D}, in.value.options());
   if (output.numel() == 0) {
     return output;
   }
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
+      at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
         constexpr int kVec = vec_width<scalar_t>();
         const bool vectorised = s.D % kVec == 0 &&
-            is_aligned(value.data_ptr(), kVec * sizeof(scalar_t)) &&
+            is_aligned(in.value.data_ptr(), kVec * sizeof(scalar_t)) &&
             is_aligned(output.data_ptr(), kVec * sizeof(scalar_t));
         if (vectorised) {
-          launch_forward<scalar_t, kVec>(value, spatial_shapes, level_start_index,
-                                         sampling_locations, attention_weights, output, s,
-                                         stream);
+          launch_forward<scalar_t, kVec>(in, output, s, stream);
         } else {
-          launch_forward<scalar_t, 1>(value, spatial_shapes, level_start_index,
-                                      sampling_locations, attention_weights, output, s, stream);
+          launch_forward<scalar_t, 1>(in, output, s, stream);
         }
       });
   return output;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
-    const at::Tensor& value_in,
-    const at::Tensor& spatial_shapes_in,
-    const at::Tensor& level_start_index_in,
-    const at::Tensor& sampling_locations_in,
-    const at::Tensor& attention_weights_in,
-    const at::Tensor& grad_output_in,
-    bool compute_grad_value) {
-  const Sizes s = check_inputs(value_in, spatial_shapes_in, level_start_index_in,
-                               sampling_locations_in, attention_weights_in);
-  check_same_device(grad_output_in, "grad_output", value_in);
+Gradients ms_deform_attn_backward_cuda(
+    const Inputs& inputs, const at::Tensor& grad_output_in, bool compute_grad_value) {
+  const Sizes s = check_inputs(inputs);
+  check_same_device(grad_output_in, "grad_output", inputs.value);
   if (compute_grad_value) {
     // Float atomics make the sum order, and so the last bits of grad_value, vary between runs.
     at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
   }
-  TORCH_CHECK(grad_output_in.scalar_type() == value_in.scalar_type(),
-              "ms_deform_attn (CUDA): grad_output must have value's dtype (",
-              value_in.scalar_type(), "), got ", grad_output_in.scalar_type());
-  TORCH_CHECK(grad_output_in.sizes() == at::IntArrayRef({s.N, s.Lq, s.H * s.D}),
-              "ms_deform_attn (CUDA): grad_output must be (N, Lq, H * D) = (", s.N, ", ", s.Lq,
-              ", ", s.H * s.D, "), got shape ", grad_output_in.sizes());
+  TORCH_CHECK(grad_output_in.scalar_type() == inputs.value.scalar_type(), kOp,
+              ": grad_output must have value's dtype (", inputs.value.scalar_type(), "), got ",
+              grad_output_in.scalar_type());
+  check_grad_output_shape(grad_output_in, s, kOp);
 
-  const c10::cuda::CUDAGuard device_guard(value_in.device());
-  const at::Tensor value = value_in.contiguous();
-  const at::Tensor spatial_shapes = spatial_shapes_in.to(at::kLong).contiguous();
-  const at::Tensor level_start_index = level_start_index_in.to(at::kLong).contiguous();
-  const at::Tensor sampling_locations = sampling_locations_in.contiguous();
-  const at::Tensor attention_weights = attention_weights_in.contiguous();
+  const c10::cuda::CUDAGuard device_guard(inputs.value.device());
+  const DeviceInputs in = device_inputs(inputs);
   const at::Tensor grad_output = grad_output_in.contiguous();
 
-  const auto dtype = value.scalar_type();
+  const auto dtype = in.value.scalar_type();
   // grad_value is accumulated in the op-math type (float32 for the half types, cast at the end).
   const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor grad_value_acc =
-      compute_grad_value ? at::zeros(value.sizes(), value.options().dtype(acc_dtype))
-                         : at::empty({0}, value.options().dtype(acc_dtype));
+  const auto acc_options = in.value.options().dtype(acc_dtype);
+  at::Tensor grad_value_acc = compute_grad_value ? at::zeros(in.value.sizes(), acc_options)
+                                                 : at::empty({0}, acc_options);
   if (s.N * s.Lq * s.H == 0 || s.D == 0) {
     // No head, or no channel: the gradients are all zero.
-    return std::make_tuple(grad_value_acc.to(dtype), at::zeros_like(sampling_locations),
-                           at::zeros_like(attention_weights));
+    return std::make_tuple(grad_value_acc.to(dtype), at::zeros_like(in.sampling_locations),
+                           at::zeros_like(in.attention_weights));
   }
-  at::Tensor grad_sampling_locations = at::empty_like(sampling_locations);
-  at::Tensor grad_attention_weights = at::empty_like(attention_weights);
+  GradientBuffers out{grad_value_acc, at::empty_like(in.sampling_locations),
+                      at::empty_like(in.attention_weights)};
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, dtype, "ms_deform_attn_backward_cuda", [&] {
         constexpr int kVec = vec_width<scalar_t>();
         const bool vectorised = s.D % kVec == 0 &&
-            is_aligned(value.data_ptr(), kVec * sizeof(scalar_t)) &&
+            is_aligned(in.value.data_ptr(), kVec * sizeof(scalar_t)) &&
             is_aligned(grad_output.data_ptr(), kVec * sizeof(scalar_t)) &&
             (!compute_grad_value ||
              is_aligned(grad_value_acc.data_ptr(), kVec * grad_value_acc.element_size()));
         if (vectorised) {
-          launch_backward<scalar_t, kVec>(value, spatial_shapes, level_start_index,
-                                          sampling_locations, attention_weights, grad_output,
-                                          grad_value_acc, grad_sampling_locations,
-                                          grad_attention_weights, s, stream);
+          launch_backward<scalar_t, kVec>(in, grad_output, out, s, stream);
         } else {
-          launch_backward<scalar_t, 1>(value, spatial_shapes, level_start_index,
-                                       sampling_locations, attention_weights, grad_output,
-                                       grad_value_acc, grad_sampling_locations,
-                                       grad_attention_weights, s, stream);
+          launch_backward<scalar_t, 1>(in, grad_output, out, s, stream);
         }
       });
   at::Tensor grad_value = dtype == acc_dtype ? grad_value_acc : grad_value_acc.to(dtype);
-  return std::make_tuple(grad_value, grad_sampling_locations, grad_attention_weights);
-}
-
-TORCH_LIBRARY_IMPL(rankdetr, CUDA, m) {
-  m.impl("ms_deform_attn_forward", &ms_deform_attn_forward_cuda);
-  m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cuda);
+  return std::make_tuple(grad_value, out.grad_sampling_locations, out.grad_attention_weights);
 }
 
 }  // namespace rankdetr
