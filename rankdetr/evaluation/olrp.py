@@ -135,9 +135,11 @@ def _mean(values: list[float]) -> float:
 def collect_matches(coco_eval, tau: float = 0.5) -> dict[int, dict]:
     """Per category id: the scores (N,), TP IoUs (N,; NaN for FPs) of its non-ignored detections
     and its number of non-ignored ground-truth boxes, read from COCOeval's matching at IoU tau,
-    area "all" and the last maxDets."""
+    area "all" and the last maxDets. A FastCOCOeval's matches are read from its arrays (the same
+    values, in the same order), without building evalImgs."""
     params = coco_eval.params
-    if not getattr(coco_eval, "evalImgs", None):
+    fast = getattr(coco_eval, "fast_matches", None)  # see rankdetr.evaluation.fast_cocoeval
+    if fast is None and not getattr(coco_eval, "evalImgs", None):
         raise ValueError("COCOeval has no per-image results: call evaluate() before oLRP")
     if not params.useCats:
         raise ValueError("oLRP is per class: COCOeval.params.useCats must be 1")
@@ -146,6 +148,9 @@ def collect_matches(coco_eval, tau: float = 0.5) -> dict[int, dict]:
         raise ValueError(f"IoU threshold {tau} is not in COCOeval.params.iouThrs {params.iouThrs}")
     t = int(thresholds[0])
     all_range = list(params.areaRng[params.areaRngLbl.index("all")])
+    if fast is not None:
+        areas = [a for a, area in enumerate(fast.params.areaRng) if list(area) == all_range]
+        return fast.class_matches(t, areas)
 
     matches = {int(cat): {"scores": [], "tp_ious": [], "num_gt": 0} for cat in params.catIds}
     for image in coco_eval.evalImgs:
