@@ -56,7 +56,8 @@ def print_check_table(rows: list[dict]) -> None:
 
     headers = {"size": "H x W", "batch": "N", "scores": "max |Δ score|",
                "boxes": "max |Δ box| px", "label_mismatches": "label mismatches",
-               "compared": "compared", "detections": "detections", "ok": "ok"}  # fmt: skip
+               "compared": "compared", "detections": "detections", "ties": "tie orders replayed",
+               "refused": "orders refused", "ok": "ok"}  # fmt: skip
     cells = [[row[key] for key in headers] for row in rows]
     print(tabulate(cells, list(headers.values()), tablefmt="github", floatfmt=".2e"))
 

@@ -26,7 +26,20 @@ from rankdetr.modeling.checkpointing import run_layer
 from rankdetr.modeling.decoder_layer import DeformableDecoderLayer
 from rankdetr.modeling.init import init_like_release_transformer
 
-__all__ = ["RankDecoder", "add_rank_parts", "gather_queries", "sort_within_groups"]
+__all__ = [
+    "RankDecoder",
+    "add_rank_parts",
+    "descending_order",
+    "gather_queries",
+    "sort_within_groups",
+]
+
+
+def descending_order(scores: torch.Tensor) -> torch.Tensor:
+    """(N, Q) ranking scores -> (N, Q) indices from the best, ties by the lower index (a stable
+    sort). One function for every query sort of the decoders, so that the ONNX check can replay
+    another runtime's order where scores tie (rankdetr/export/onnx.py)."""
+    return scores.argsort(dim=1, descending=True, stable=True)
 
 
 def sort_within_groups(scores: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
@@ -41,8 +54,7 @@ def sort_within_groups(scores: torch.Tensor, group_sizes: list[int]) -> torch.Te
     """
     orders, start = [], 0
     for size in group_sizes:
-        group_order = scores[:, start : start + size].argsort(dim=1, descending=True, stable=True)
-        orders.append(group_order + start)
+        orders.append(descending_order(scores[:, start : start + size]) + start)
         start += size
     return torch.cat(orders, dim=1)
 

@@ -25,7 +25,7 @@ from torch import nn
 from rankdetr.layers.mlp import MLP, inverse_sigmoid
 from rankdetr.layers.position_encoding import sine_embedding_of_boxes
 from rankdetr.modeling.checkpointing import run_layer
-from rankdetr.modeling.decoder import add_rank_parts, gather_queries
+from rankdetr.modeling.decoder import add_rank_parts, descending_order, gather_queries
 from rankdetr.modeling.decoder_layer import DeformableDecoderLayer
 from rankdetr.modeling.init import init_like_release_transformer
 
@@ -149,7 +149,7 @@ class DINODecoder(nn.Module):
         ranking_scores = None
         for layer_index, layer in enumerate(self.layers):
             if ranking_scores is not None and self.sorts_queries:
-                ranking = ranking_scores.argsort(dim=1, descending=True, stable=True)
+                ranking = descending_order(ranking_scores)
                 query, boxes, previous_boxes = (
                     _sort_matching(t, ranking, num_denoising)
                     for t in (query, boxes, previous_boxes)

@@ -171,15 +171,44 @@ def test_tool_help_runs_without_exporting():
     assert "--check" in result.stdout
 
 
-def test_selection_gaps_are_the_margin_of_the_last_proposal():
-    """--check's near-tie diagnosis: the gap between the k-th and (k+1)-th encoder score."""
-    scores = torch.tensor([[0.9, 0.5, 0.3, 0.1], [0.8, 0.75, 0.7, 0.0]])
-    gaps = []
-    with onnx_export.recording_selection_gaps(gaps):
-        index = onnx_export.two_stage.top_proposal_indices(scores, 2)
-    assert (
-        onnx_export.two_stage.top_proposal_indices
-        is grid_proposals.__globals__["top_proposal_indices"]
-    )
-    assert index.tolist() == [[0, 1], [0, 1]]
-    assert gaps == [pytest.approx(0.05)]
+def test_equally_good_orders_are_ties_and_nothing_else():
+    """--check's tie rule: another order is taken only where the scores it swaps are within
+    the tolerance (a real inversion, a repeated index or a better unchosen score is refused)."""
+    good = onnx_export.is_equally_good_order
+    scores = torch.tensor([[3.0, 2.0, 2.00005, 1.0]])
+    sort = [[0, 2, 1, 3], [0, 1, 2, 3], [1, 0, 2, 3], [0, 0, 2, 3]]
+    assert [good(scores, torch.tensor([o]), 1e-4) for o in sort] == [True, True, False, False]
+    assert not good(scores, torch.tensor([[0, 1, 2, 3]]), 1e-5)  # the tie is 5e-5 wide
+    top_2 = [[0, 2], [0, 1], [0, 3], [2, 0]]  # best first: [2, 0] is an inversion
+    assert [good(scores, torch.tensor([o]), 1e-4) for o in top_2] == [True, True, False, False]
+    masked = torch.tensor([[-torch.inf, -torch.inf, 1.0]])  # padded positions: exact order
+    assert good(masked, torch.tensor([[2, 0, 1]]), 1e-4)
+    assert not good(masked, torch.tensor([[0, 2, 1]]), 1e-4)
+
+
+def test_check_replays_onnx_runtime_orders_only_where_they_tie(demo_export):
+    """PyTorch follows ONNX Runtime's TopK orders call by call (selection, then the query rank
+    layer's sort): a swapped order reaches the decoder when taken, and is refused where the
+    swapped scores are not tied."""
+    import numpy as np
+
+    model, path = demo_export
+    session, names = onnx_export.session_with_order_outputs(path, threads=2)
+    images = torch.rand(1, 3, 288, 416, generator=torch.Generator().manual_seed(3)) * 255
+    outputs = session.run(onnx_export.OUTPUT_NAMES + names, {"image": images.numpy()})
+    orders = outputs[3:]
+    plain = onnx_export.pytorch_detections(model, images)
+    same, replay = onnx_export.pytorch_detections(model, images, orders=orders)
+    # every sort of the model met its graph counterpart (the last TopK is the final top-k)
+    assert (replay.calls, replay.replayed, replay.refused) == (len(orders) - 1, 0, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(plain, same))
+
+    swapped = [o.copy() for o in orders]
+    swapped[1][:, [0, 1]] = swapped[1][:, [1, 0]]  # the first rank sort's two best queries
+    taken, replay = onnx_export.pytorch_detections(model, images, swapped, tolerance=np.inf)
+    # taken; the next sort then follows its (now different) graph order as well
+    assert replay.replayed >= 1 and replay.refused == 0
+    assert np.abs(taken[1] - plain[1]).max() > 1e-4  # new ranks moved scores past the limit
+    kept, replay = onnx_export.pytorch_detections(model, images, swapped, tolerance=0.0)
+    assert replay.refused == 1
+    assert all(np.array_equal(a, b) for a, b in zip(plain, kept))
