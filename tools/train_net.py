@@ -18,6 +18,8 @@ line naming the problem (exit status 1); RANKDETR_TRACEBACK=1 shows the whole tr
 """
 
 from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from rankdetr.engine.checkpoint import load_for_evaluation
 from rankdetr.engine.run_lock import hold_output_dir
@@ -47,6 +49,9 @@ def main(args) -> None:
     cfg = load_config(args.config_file, args.opts)
     with hold_output_dir(cfg.train.output_dir):
         default_setup(cfg, args)
+        # default_setup gives the "detectron2" and "fvcore" loggers their console and log.txt;
+        # ours (the model summary, the training precision) go to the same places.
+        setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="rankdetr")
         if args.eval_only:
             evaluate(cfg, onnx=args.onnx)
         else:

@@ -10,8 +10,10 @@ train = dict(
     init_checkpoint="",
     max_iter=90000,
     device="auto",  # "auto": cuda when available, else cpu
-    # The forward runs under autocast: dtype "bf16" (CPU or GPU) or "fp16" (CUDA only, with a
-    # gradient scaler). The deformable-attention op, matching and losses compute in float32.
+    # The forward runs under autocast: dtype "bf16" (CPU or GPU), "fp16" (CUDA only, with a
+    # gradient scaler) or "auto" (bf16 where the device computes it natively: CUDA with bf16, a
+    # CPU with AMX or AVX-512 BF16; float32 elsewhere; the log says which and why). The
+    # deformable-attention op, its sampling locations, boxes, matching and losses stay float32.
     amp=dict(enabled=False, dtype="bf16"),
     compile=False,  # True: torch.compile the encoder / decoder layers (RankDETR.compile_layers)
     clip_grad=dict(enabled=True, params=dict(max_norm=0.1, norm_type=2)),

@@ -47,6 +47,9 @@ for _final_resize in (  # underscore: not a config key
 
 train.max_iter = 1300
 train.device = "cpu"
+# bf16 autocast on CPUs that compute bf16 natively (AMX, AVX-512 BF16), float32 elsewhere.
+train.amp.enabled = True
+train.amp.dtype = "auto"
 train.output_dir = "./output/demo"
 train.checkpointer.period = 200
 train.eval_period = 1300  # once, at the end

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from detectron2.engine import SimpleTrainer
 
+from rankdetr.engine.precision import AMP_DTYPES, AmpChoice, choose_amp_dtype
 from rankdetr.errors import UserError, is_user_error, user_message
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "RankDETRTrainer",
     "TrainValueError",
     "autocast_dtype",
+    "resolve_amp",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,12 +52,26 @@ class TrainValueError(ValueError, UserError):
 
 
 def autocast_dtype(amp: str | None) -> torch.dtype | None:
-    """ "bf16" / "fp16" (train.amp.dtype) or None (autocast off) -> the autocast dtype, or None."""
+    """ "bf16" / "fp16" (a resolved train.amp.dtype) or None (autocast off) -> the autocast
+    dtype, or None."""
     if amp is None:
         return None
     if amp not in _AMP_DTYPES:
-        raise TrainValueError(f"train.amp.dtype must be 'bf16' or 'fp16', got {amp!r}")
+        raise TrainValueError(f"train.amp.dtype must be 'bf16', 'fp16' or 'auto', got {amp!r}")
     return _AMP_DTYPES[amp]
+
+
+def resolve_amp(amp: str | None, device_type: str) -> AmpChoice:
+    """train.amp.dtype (None: train.amp.enabled=False) -> the dtype to use and why; logged."""
+    if amp is None:
+        choice = AmpChoice(None, "train.amp.enabled=False")
+    elif amp not in AMP_DTYPES:
+        autocast_dtype(amp)  # raises, naming the allowed values
+    else:
+        choice = choose_amp_dtype(amp, device_type)
+    precision = f"{choice.dtype} autocast" if choice.dtype else "float32 (autocast off)"
+    logger.info("Training precision on %s: %s; %s", device_type, precision, choice.reason)
+    return choice
 
 
 class NonFiniteLossError(FloatingPointError, UserError):
@@ -108,7 +124,9 @@ class RankDETRTrainer(SimpleTrainer):
             data_loader: an iterable of batches.
             optimizer: the optimiser.
             device_type: "cpu" or "cuda", for autocast.
-            amp: the autocast dtype, "bf16" or "fp16" (CUDA; uses a GradScaler), or None.
+            amp: the autocast dtype, "bf16", "fp16" (CUDA; uses a GradScaler) or "auto" (bf16
+                where the device computes it natively, else float32:
+                :mod:`rankdetr.engine.precision`), or None (float32).
             clip_grad_params: arguments of torch.nn.utils.clip_grad_norm_ (max_norm, norm_type;
                 train.clip_grad.params), or None for no clipping.
             nonfinite_loss: "error" or "skip", what a NaN / infinite loss term does (module doc).
@@ -118,7 +136,8 @@ class RankDETRTrainer(SimpleTrainer):
         super().__init__(model, data_loader, optimizer)
         _log_user_errors_of_the_training_loop_in_one_line()
         self.device_type = device_type
-        self.amp_dtype = autocast_dtype(amp)
+        self.amp_choice = resolve_amp(amp, device_type)
+        self.amp_dtype = autocast_dtype(self.amp_choice.dtype)
         if self.amp_dtype == torch.float16 and device_type != "cuda":
             raise TrainValueError("train.amp.dtype='fp16' needs CUDA; use 'bf16' on the CPU")
         self.grad_scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None

@@ -107,6 +107,10 @@ def test_the_holding_run_trains_and_releases_the_folder(run_1_folder, monkeypatc
     train_net(monkeypatch, *TINY_OVERRIDES, *short, f"train.output_dir={run_1_folder}")
     assert (run_1_folder / "model_final.pth").is_file()
     assert b"max_iter: 1\n" in (run_1_folder / "config.yaml").read_bytes()  # this run's config
+    # The demo's train.amp.dtype="auto": the log says at start which precision and why.
+    log = (run_1_folder / "log.txt").read_text()
+    precision = r"Training precision on cpu: (bf16 autocast|float32 \(autocast off\)); auto: "
+    assert re.search(precision, log), log[-2000:]
     assert not (run_1_folder / OWNER_NAME).exists()
     with run_lock(run_1_folder):  # released
         pass

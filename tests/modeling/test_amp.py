@@ -139,3 +139,69 @@ def test_real_configs_train_and_infer_under_autocast_close_to_float32(name, devi
         sorted_scores(model, inputs, amp), sorted_scores(model, inputs, None)
     ):
         assert (scores16 - scores32).abs().max() < 0.02
+
+
+def recording(calls: list, function, name: str, *positions: int):
+    """`function` wrapped to append (name, dtype) of its floating arguments at `positions`."""
+
+    def wrapped(*args, **kwargs):
+        for position in positions:
+            calls.append((name, args[position].dtype))
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
+def test_float32_islands_of_the_demo_model_under_bf16_autocast(monkeypatch):
+    """One training step of the demo model under CPU bf16 autocast (what train.amp.dtype="auto"
+    picks on an AMX CPU): the matcher's cost matrices, the loss terms, the criterion's box
+    arithmetic (GIoU inputs), every decoder layer's boxes and the deformable op's sampling
+    locations are float32, while the linear layers did run in bf16 (else nothing was tested)."""
+    from rankdetr.layers import multi_scale_deform_attn as msda_module
+    from rankdetr.modeling import criterion as criterion_module
+
+    cfg = LazyConfig.load(str(MODEL_CONFIGS["demo"]))
+    cfg.model.num_classes = 5
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    model.set_training_progress(0.0)
+    model.train()
+    calls, linear_dtypes, boxes_dtypes = [], set(), []
+    monkeypatch.setattr(
+        msda_module, "ms_deform_attn", recording(calls, msda_module.ms_deform_attn, "locs", 3)
+    )
+    giou = criterion_module.elementwise_generalized_box_iou
+    monkeypatch.setattr(
+        criterion_module, "elementwise_generalized_box_iou", recording(calls, giou, "giou", 0, 1)
+    )
+    cost_matrix = type(model.criterion.matcher).cost_matrix
+
+    def recorded_cost(self, *args, **kwargs):
+        cost = cost_matrix(self, *args, **kwargs)
+        calls.append(("cost", cost.dtype))
+        return cost
+
+    monkeypatch.setattr(type(model.criterion.matcher), "cost_matrix", recorded_cost)
+    predict = model.predict
+
+    def recorded_predict(*args, **kwargs):
+        outputs = predict(*args, **kwargs)  # before lift_outputs_to_float32
+        boxes_dtypes.extend(b.dtype for b in outputs["boxes"])
+        return outputs
+
+    monkeypatch.setattr(model, "predict", recorded_predict)
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: linear_dtypes.add(o.dtype))
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(batch())
+    for hook in hooks:
+        hook.remove()
+    assert torch.bfloat16 in linear_dtypes
+    assert losses and all(v.dtype == torch.float32 for v in losses.values())
+    assert boxes_dtypes and set(boxes_dtypes) == {torch.float32}
+    for name in ("locs", "giou", "cost"):
+        dtypes = {dtype for n, dtype in calls if n == name}
+        assert dtypes == {torch.float32}, (name, dtypes)
