@@ -69,9 +69,11 @@ def test_an_old_name_in_a_config_file_is_refused_with_the_new_one(tmp_path, line
 
 
 def test_the_new_names_load_from_a_config_file_and_the_command_line(tmp_path):
-    path = user_config(tmp_path, "train.amp.enabled = True\ntrain.clip_grad.enabled = False\n")
+    # The demo trains with amp enabled in dtype "auto": the file changes both.
+    lines = "train.amp.enabled = False\ntrain.amp.dtype = 'bf16'\ntrain.clip_grad.enabled = False\n"
+    path = user_config(tmp_path, lines)
     cfg = load_config(path, ["train.model_ema.enabled=True", "train.model_ema.decay=0.99"])
-    assert cfg.train.amp.enabled and cfg.train.amp.dtype == "bf16"
+    assert not cfg.train.amp.enabled and cfg.train.amp.dtype == "bf16"
     assert not cfg.train.clip_grad.enabled and cfg.train.clip_grad.params.max_norm == 0.1
     assert cfg.train.model_ema.enabled and cfg.train.model_ema.decay == 0.99
     with pytest.raises(ConfigError, match=r"no key 'train.model_ema.decya'.*model_ema.decay"):
@@ -128,8 +130,10 @@ def trainer_arguments(monkeypatch, tmp_path):
 
 def test_amp_and_clip_grad_reach_the_trainer(trainer_arguments):
     seen = trainer_arguments()
-    assert seen["amp"] is None  # amp.enabled=False: the dtype is not used
+    assert seen["amp"] == "auto"  # the demo's setting, resolved by the trainer
     assert dict(seen["clip_grad_params"]) == {"max_norm": 0.1, "norm_type": 2}
+    seen = trainer_arguments("train.amp.enabled=False", "train.amp.dtype=bf16")
+    assert seen["amp"] is None  # amp.enabled=False: the dtype is not used
     seen = trainer_arguments(
         "train.amp.enabled=True", "train.clip_grad.enabled=False", "train.amp.dtype=bf16"
     )
