@@ -4,6 +4,10 @@ lr 2e-4 (2e-5 for the backbone, `sampling_offsets` and `reference_points`) is wh
 published Rank-DETR and H-DETR numbers: the original release's `train_net.py` never instantiates
 its config's optimizer (which says 1e-4) and builds AdamW by hand with these values (the H-DETR
 recipe). Every R50 / Swin config, H-DETR baseline and ablation inherits it.
+
+`fused=True`: torch's one-kernel AdamW (CPU and CUDA), the same update as the default per-tensor
+loop up to rounding. The default loop (foreach is CUDA-only) took ~50 ms a step over the demo
+model's 229 parameter tensors on a 2-core CPU, the fused kernel ~10 ms: 15 % of a demo iteration.
 """
 
 import torch
@@ -20,4 +24,5 @@ optimizer = L(torch.optim.AdamW)(
     lr=2e-4,
     betas=(0.9, 0.999),
     weight_decay=1e-4,
+    fused=True,
 )
