@@ -2,7 +2,11 @@
 the PyTorch model's detections in ONNX Runtime at several input sizes and batch sizes, from one
 export, with standard ONNX ops only and the predictor's metadata inside the file.
 
-Each export takes ~30 s on 2 cores, so each config is exported once per module.
+Each export takes ~30-40 s on 2 cores (tracing, decompositions and the onnxscript optimizer,
+whatever the depth), so each config is exported once, and the ONNX tests hold three exports (the
+demo, Rank-DINO, the release-tiny model) to stay under 3 minutes of CI. The rank components'
+off branches (DINO, H-DETR) are the same graphs minus the rank head and the query sort; they are
+checked with the tool at R50 size (`--check` tables in the README).
 """
 
 import json
@@ -25,7 +29,6 @@ from rankdetr.modeling.two_stage import grid_proposals  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo" / "rank_detr_r18_shapes.py"
 RANK_DINO = ROOT / "configs" / "demo" / "rank_dino_r18_shapes.py"
-DINO = ROOT / "configs" / "demo" / "dino_r18_shapes.py"
 OVERRIDES = ["model.num_classes=5"]
 # One encoder and two decoder layers (the query rank layer sits between decoder layers): the
 # same code paths as the demo at two thirds of its export time.
@@ -101,20 +104,6 @@ def test_rank_dino_exports_and_checks(tmp_path):
     _, model = build(RANK_DINO, overrides=SHALLOW)
     assert model.rank.flags == "RCH+QRL+GCL+HMC"
     path = tmp_path / "rank_dino.onnx"
-    onnx_export.export_onnx(model, path)
-    assert onnx_export.custom_domain_ops(path) == []
-    rows = onnx_export.check_onnx(model, path, sizes=[(288, 416)], batch_sizes=[2], threads=2)
-    assert rows[0]["ok"], rows
-
-
-@pytest.mark.slow
-def test_dino_without_rank_components_exports_and_checks(tmp_path):
-    """The DINO decoder's other branches: no rank-adaptive head, no query rank layer. The demo
-    export covers the flags on; Rank-DETR with rch / qrl / all four off was checked with the
-    tool (one more export here would take the ONNX tests past their 3 minutes of CI)."""
-    _, model = build(DINO, overrides=SHALLOW)
-    assert model.rank.flags == "none"
-    path = tmp_path / "dino.onnx"
     onnx_export.export_onnx(model, path)
     assert onnx_export.custom_domain_ops(path) == []
     rows = onnx_export.check_onnx(model, path, sizes=[(288, 416)], batch_sizes=[2], threads=2)
