@@ -6,8 +6,9 @@ its config's optimizer (which says 1e-4) and builds AdamW by hand with these val
 recipe). Every R50 / Swin config, H-DETR baseline and ablation inherits it.
 
 `fused=True`: torch's one-kernel AdamW (CPU and CUDA), the same update as the default per-tensor
-loop up to rounding. The default loop (foreach is CUDA-only) took ~50 ms a step over the demo
-model's 229 parameter tensors on a 2-core CPU, the fused kernel ~10 ms: 15 % of a demo iteration.
+loop up to rounding. Over the demo model's 229 parameter tensors on a 2-core CPU the optimizer
+step alone took ~50 ms with the default per-tensor loop and ~10 ms fused; the demo's training went
+from 0.262 to 0.247 s/it (6 %; README).
 """
 
 import torch
