@@ -11,8 +11,12 @@ setup:
 demo: setup
 	$(PY) tools/train_net.py --config-file configs/demo/rank_detr_r18_shapes.py
 
+# One pytest-xdist worker per core (tests/conftest.py gives each its share of the threads); a file
+# is one unit of work, handed out slowest-first. PYTEST_XDIST= runs in one process.
+PYTEST_XDIST ?= -n auto --dist loadfile --no-loadscope-reorder
+
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 gpu-check: setup
 	$(PY) tools/gpu_selftest.py

@@ -1,10 +1,12 @@
 """Shared pytest fixtures and paths."""
 
 import importlib.util
+import os
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from rankdetr.data import datasets
@@ -33,3 +35,24 @@ def isolated_catalogs():
     for catalog, entries in zip((DatasetCatalog, MetadataCatalog, datasets._REGISTERED), saved):
         catalog.clear()
         catalog.update(entries)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs `-n auto`), each worker gets an equal share of the
+    cores: torch in the worker, and OMP/MKL for the tools the tests start as subprocesses. Without
+    this every worker would use all cores and the workers would fight over them."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers:
+        return
+    threads = max(1, (os.cpu_count() or 1) // int(workers))
+    torch.set_num_threads(threads)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with a test marked `slow` run first (the order is otherwise kept). With xdist's
+    `--dist loadfile --no-loadscope-reorder` a file is one unit of work, handed out in this order:
+    a long file started last would leave the other workers idle at the end of the run."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

@@ -30,6 +30,7 @@ SMALL = [
     "model.num_detections=10",
     "train.max_iter=2",
     "train.eval_period=0",
+    "dataloader.evaluator=None",  # no evaluation: not what this checks
     "dataloader.train.total_batch_size=2",
     "dataloader.train.num_workers=0",
 ]

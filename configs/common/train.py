@@ -30,6 +30,8 @@ train = dict(
     # A quick check that a config runs: 20 iterations, evaluation at 10 and 20, a log line each.
     fast_dev_run=dict(enabled=False),
     checkpointer=dict(period=5000, max_to_keep=100),
+    # Evaluate every eval_period iterations and after the last one; 0 evaluates only after the
+    # last (detectron2's EvalHook). `dataloader.evaluator=None` turns evaluation off.
     eval_period=5000,
     log_period=20,
     seed=-1,  # >= 0: seeds torch, NumPy and Python (+ rank), the data order and augmentations

@@ -9,7 +9,7 @@
   int; a float an int or a float (stored as float); a str anything (a number is kept as the text
   typed); a list a list (checked per element when the default's elements are all of one scalar
   type); a dict a dict. None (null) is accepted for int / float / str keys, since None means
-  "off" for many of them. A default of None, an interpolation typed as the value, and other
+  "off" for many of them, and for the dict nodes that None turns off (:data:`NODES_NONE_TURNS_OFF`). A default of None, an interpolation typed as the value, and other
   objects (classes, functions) are not checked; an interpolation as the default is checked
   against the value it resolves to.
 """
@@ -35,6 +35,8 @@ RENAMED_KEYS = {
 _AMP_HINT = (
     "train.amp is a node as in detrex: train.amp.enabled=True train.amp.dtype=bf16 (or fp16)"
 )
+# Dict nodes that may be set to None: the component is then left out.
+NODES_NONE_TURNS_OFF = ("dataloader.evaluator",)  # no evaluation (rankdetr.engine.runner.do_test)
 _TYPE_NAMES = {bool: "a bool (true or false)", int: "an int", float: "a float", str: "a str"}
 
 
@@ -165,6 +167,9 @@ def _check_value(cfg: DictConfig, key: str, default, override: str) -> None:
         value = parent[leaf] = text  # hydra parsed "5" as 5: for a str key the user meant text
     elif isinstance(default, float) and _fits(1, value):
         value = parent[leaf] = float(value)
+    if key in NODES_NONE_TURNS_OFF and value in (None, "None", "none", "null"):
+        parent[leaf] = None  # hydra's parser reads "None" as text
+        return
     problem = _type_problem(default, value)
     if problem:
         raise ConfigError(f"{key} {problem}, got {text!r} (from override {override!r})")

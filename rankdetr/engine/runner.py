@@ -280,8 +280,13 @@ def build_model(cfg: DictConfig) -> torch.nn.Module:
 
 
 def do_test(cfg: DictConfig, model: torch.nn.Module) -> dict:
-    """Run cfg.dataloader.evaluator on cfg.dataloader.test; print and return its results."""
-    if "evaluator" not in cfg.dataloader:
+    """Run cfg.dataloader.evaluator on cfg.dataloader.test; print and return its results.
+
+    No evaluator (`dataloader.evaluator=None`) runs nothing, not even the inference, and returns
+    {}: a training without any evaluation, since `train.eval_period=0` still evaluates after the
+    last iteration (detectron2's EvalHook)."""
+    if cfg.dataloader.get("evaluator") is None:
+        logger.info("dataloader.evaluator is None: no evaluation")
         return {}
     results = inference_on_dataset(
         model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)

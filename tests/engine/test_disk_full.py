@@ -193,6 +193,7 @@ TINY = [
     "train.max_iter=6",
     "train.checkpointer.period=2",  # model_0000001 fits, model_0000003 does not
     "train.eval_period=0",
+    "dataloader.evaluator=None",  # no evaluation: not what this checks
     "dataloader.train.total_batch_size=2",
     "dataloader.train.num_workers=0",
     "dataloader.train.mapper.augmentation.1.short_edge_length=[48]",

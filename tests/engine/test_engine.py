@@ -159,3 +159,26 @@ def test_short_demo_run_trains_evaluates_and_resumes(tmp_path):
     model.eval()
     results = do_test(cfg, model)
     assert "AP" in results["bbox"]
+
+
+def test_no_evaluator_trains_without_any_inference(tmp_path, monkeypatch):
+    """`dataloader.evaluator=None`: no evaluation at all, also not the one after the last
+    iteration that `train.eval_period=0` keeps (detectron2's EvalHook)."""
+    from rankdetr.data import register_shapes_dataset
+    from rankdetr.engine import runner
+
+    register_shapes_dataset(root=tmp_path / "shapes", num_images={"train": 4, "val": 2})
+
+    def no_inference(*args, **kwargs):
+        raise AssertionError("inference ran with dataloader.evaluator=None")
+
+    monkeypatch.setattr(runner, "inference_on_dataset", no_inference)
+    overrides = ["train.max_iter=1", "train.eval_period=0", "dataloader.evaluator=None",
+                 "dataloader.train.total_batch_size=1", "dataloader.train.num_workers=0",
+                 "model.encoder_layers=1", "model.decoder_layers=1",
+                 f"train.output_dir={tmp_path / 'out'}"]  # fmt: skip
+    cfg = load_config(DEMO, overrides)
+    assert cfg.dataloader.evaluator is None
+    do_train(cfg)
+    assert (tmp_path / "out" / "model_final.pth").is_file()
+    assert not (tmp_path / "out" / "inference").exists()

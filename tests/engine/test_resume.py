@@ -203,6 +203,7 @@ OVERRIDES = [
     "train.max_iter=12",
     "train.checkpointer.period=4",
     "train.eval_period=0",
+    "dataloader.evaluator=None",  # no evaluation: not what this checks
     "train.log_period=4",
     "train.seed=7",
     "train.deterministic=True",

@@ -135,6 +135,7 @@ TINY = [
     "train.device=cpu",
     "train.max_iter=2",
     "train.eval_period=0",
+    "dataloader.evaluator=None",  # no evaluation: not what this checks
     "dataloader.train.dataset.names=my_train",
     "dataloader.train.num_workers=1",
     "dataloader.train.total_batch_size=4",  # every image in the first batch

@@ -31,6 +31,7 @@ ONE_ITERATION = [
     *TINY_OVERRIDES,
     "train.max_iter=1",
     "train.eval_period=0",
+    "dataloader.evaluator=None",  # no evaluation: not what this checks
     "train.checkpointer.period=1",
     "dataloader.train.total_batch_size=2",
     "dataloader.train.num_workers=0",

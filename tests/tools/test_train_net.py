@@ -91,6 +91,7 @@ def test_two_processes_end_with_the_weights_of_one_process_with_the_same_total_b
         "train.device=cpu",
         "train.max_iter=3",
         "train.eval_period=0",
+        "dataloader.evaluator=None",  # no evaluation after the last iteration
         "train.log_period=1",
         "train.seed=5",
         "train.checkpointer.period=100",
@@ -135,6 +136,7 @@ def test_the_demo_trains_under_bf16_autocast(tmp_path):
         "train.amp.dtype=bf16",
         "train.max_iter=2",
         "train.eval_period=0",
+        "dataloader.evaluator=None",  # no evaluation after the last iteration
         "train.log_period=1",
         "dataloader.train.num_workers=0",
         f"train.output_dir={tmp_path / 'out'}",
