@@ -9,8 +9,9 @@
   int; a float an int or a float (stored as float); a str anything (a number is kept as the text
   typed); a list a list (checked per element when the default's elements are all of one scalar
   type); a dict a dict. None (null) is accepted for int / float / str keys, since None means
-  "off" for many of them, and for the dict nodes that None turns off (:data:`NODES_NONE_TURNS_OFF`). A default of None, an interpolation typed as the value, and other
-  objects (classes, functions) are not checked; an interpolation as the default is checked
+  "off" for many of them, and for the dict nodes that None turns off
+  (:data:`NODES_NONE_TURNS_OFF`). A default of None, an interpolation typed as the value, and
+  other objects (classes, functions) are not checked; an interpolation as the default is checked
   against the value it resolves to.
 """
 
