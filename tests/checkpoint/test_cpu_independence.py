@@ -33,6 +33,7 @@ MKL_PATHS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", sorted(MKL_PATHS))
 def test_the_float64_fixtures_agree_on_another_mkl_code_path(path, repo_root):
     for fixture in FIXTURES:

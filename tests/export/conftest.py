@@ -1,8 +1,11 @@
 """One export of the demo Rank-DETR per test session, shared by the ONNX tests that need a file
-(an export takes ~30 s on 2 cores)."""
+(an export takes ~30 s on 2 cores), also across pytest-xdist workers."""
+
+import os
 
 import pytest
 import torch
+from filelock import FileLock
 
 from tests.conftest import REPO_ROOT, load_tool
 
@@ -22,8 +25,17 @@ def demo_onnx_export(tmp_path_factory):
     export_tool = load_tool(REPO_ROOT / "tools" / "export_onnx.py", "export_onnx_tool")
     torch.manual_seed(0)
     cfg, model = export_tool.build_for_export(str(DEMO), OVERRIDES)
-    folder = tmp_path_factory.mktemp("onnx-session")
+    # Under xdist every worker has its own base temp folder below a shared one: the first worker
+    # to get there exports, the others wait on the lock and take its files.
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    folder = shared / "onnx-session"
     onnx_path, pth_path = folder / "demo.onnx", folder / "demo.pth"
-    onnx_export.export_onnx(model, onnx_path, metadata=onnx_export.config_metadata(cfg, str(DEMO)))
-    torch.save({"model": model.state_dict(), "iteration": 0}, pth_path)
+    with FileLock(str(shared / "onnx-session.lock")):
+        if not pth_path.is_file():
+            folder.mkdir(exist_ok=True)
+            metadata = onnx_export.config_metadata(cfg, str(DEMO))
+            onnx_export.export_onnx(model, onnx_path, metadata=metadata)
+            torch.save({"model": model.state_dict(), "iteration": 0}, pth_path)
     return onnx_path, pth_path

@@ -98,6 +98,7 @@ def test_metadata_holds_the_test_transform_and_class_names(demo_export):
     assert metadata["image_format"] == "RGB" and metadata["num_detections"] == "50"
 
 
+@pytest.mark.slow
 def test_rank_dino_exports_and_checks(tmp_path):
     """Rank-DINO's decoder with all four components (the query rank layer runs between its two
     decoder layers), at a third of the demo depth's export time."""

@@ -68,6 +68,7 @@ def assert_same_detections(expected, actual):
     np.testing.assert_allclose(actual.boxes[keep], expected.boxes[keep], atol=0.01, rtol=0)
 
 
+@pytest.mark.slow
 def test_onnx_predictor_matches_the_pytorch_predictor(predictors, tmp_path):
     """Same resize, channel order and rescaling to the original size as the PyTorch path."""
     torch_predictor, onnx_predictor = predictors

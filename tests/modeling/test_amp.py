@@ -117,6 +117,7 @@ def sorted_scores(model, inputs, amp: torch.dtype | None):
     return [r["instances"].scores.sort(descending=True).values for r in results]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device,amp", PRECISIONS)
 @pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
 def test_real_configs_train_and_infer_under_autocast_close_to_float32(name, device, amp):

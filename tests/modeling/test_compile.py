@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 
@@ -42,6 +43,7 @@ def test_one_encoder_and_one_decoder_layer_compile_without_graph_breaks():
             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow
 def test_compile_layers_keeps_names_and_results():
     eager, compiled = demo_model(), demo_model()
     names = list(compiled.state_dict())

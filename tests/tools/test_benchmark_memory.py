@@ -3,9 +3,12 @@
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 
 
+@pytest.mark.slow
 def test_prints_peak_rss_and_time_of_both_variants():
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "tools" / "benchmark_memory.py"),

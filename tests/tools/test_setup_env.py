@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
     Path(sys.prefix).resolve() != (ROOT / ".venv").resolve(),
     reason="runs only inside the project's own .venv, which the set-up manages",
 )
+@pytest.mark.slow
 def test_second_setup_run_skips_every_step():
     result = subprocess.run(
         ["bash", str(ROOT / "tools" / "setup_env.sh")], capture_output=True, text=True, cwd=ROOT
