@@ -54,6 +54,7 @@ def demo_export(demo_onnx_export):
     return model, demo_onnx_export[0]
 
 
+@pytest.mark.slow(seconds=40)
 def test_demo_check_passes_at_the_three_sizes(demo_export):
     model, path = demo_export
     rows = onnx_export.check_onnx(model, path, threads=2)

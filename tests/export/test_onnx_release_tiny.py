@@ -40,7 +40,7 @@ def exported(fixture, tmp_path_factory):
     return model, path
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 def test_release_weights_export_and_pass_the_check(exported):
     model, path = exported
     assert onnx_export.custom_domain_ops(path) == []

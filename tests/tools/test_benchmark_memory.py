@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=20)
 def test_prints_peak_rss_and_time_of_both_variants():
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "tools" / "benchmark_memory.py"),

@@ -61,7 +61,7 @@ def _model_args(tiny, count: int = 2) -> list[str]:
     return args
 
 
-@pytest.mark.slow  # four processes that each import torch, torchvision and detectron2
+@pytest.mark.slow(seconds=20)  # four processes that each import torch, torchvision and detectron2
 def test_every_command_writes_a_png_for_two_models(tiny):
     """All four commands as users run them (in parallel: they mostly import)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}

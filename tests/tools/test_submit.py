@@ -39,6 +39,29 @@ TINY = [
 ]
 
 
+# The demo config with a small shapes dataset (8 training, 8 validation images, generated into the
+# test's folder): the jobs' evaluations take a fraction of a second instead of the 200 images of
+# shapes_val. The file registers the datasets in every process that loads it.
+SMALL_SHAPES_CONFIG = """
+from detectron2.config import LazyConfig
+from rankdetr.data import register_shapes_dataset
+
+register_shapes_dataset(root={root!r}, num_images={{"train": 8, "val": 8}})
+_demo = LazyConfig.load({demo!r})
+model, optimizer, lr_multiplier, dataloader, train = (
+    _demo[k] for k in ("model", "optimizer", "lr_multiplier", "dataloader", "train")
+)
+"""
+
+
+@pytest.fixture
+def small_demo(tmp_path, isolated_catalogs) -> Path:
+    """The demo config on 8 + 8 shapes images (SMALL_SHAPES_CONFIG), as a file."""
+    config = tmp_path / "small_demo.py"
+    config.write_text(SMALL_SHAPES_CONFIG.format(root=str(tmp_path / "shapes"), demo=str(DEMO)))
+    return config
+
+
 @pytest.fixture
 def job_environment(monkeypatch):
     """What the job processes inherit: one thread each (exact, and the machine has two cores),
@@ -141,7 +164,7 @@ def final_state(out_dir):
 
 @pytest.mark.slow
 def test_a_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(
-    tmp_path, job_environment
+    tmp_path, job_environment, small_demo
 ):
     """Two local jobs at once: the reference run through `tools/submit.py --wait` (its results
     come back), and the same run, preempted after iteration 4, through the Python API."""
@@ -152,11 +175,11 @@ def test_a_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(
     reference_dir, preempted_dir = tmp_path / "reference", tmp_path / "preempted"
     reference = subprocess.Popen(
         [sys.executable, str(SUBMIT), "--cluster", "local", "--gpus-per-node", "0", "--wait",
-         "--config-file", str(DEMO), *overrides, f"train.output_dir={reference_dir}"],
+         "--config-file", str(small_demo), *overrides, f"train.output_dir={reference_dir}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
     options = SlurmOptions(cluster="local", gpus_per_node=0, time_min=30)
-    job = training_job(TRAIN_NET, str(DEMO), [*overrides, f"train.output_dir={preempted_dir}"],
+    job = training_job(TRAIN_NET, str(small_demo), [*overrides, f"train.output_dir={preempted_dir}"],
                        options)  # fmt: skip
     job = PreemptedOnce(job.script, job.flags, job.overrides, job.output_dir)
     (preempted,) = submit_jobs([job], options, preempted_dir / "slurm")
@@ -201,8 +224,10 @@ def write_metrics(run_dir, ap):
     (run_dir / "metrics.json").write_text(json.dumps({"iteration": 1, "bbox/AP": ap}) + "\n")
 
 
-@pytest.mark.slow
-def test_a_sweep_submits_the_missing_runs_as_jobs_and_tabulates_them(tmp_path, job_environment):
+@pytest.mark.slow(seconds=30)
+def test_a_sweep_submits_the_missing_runs_as_jobs_and_tabulates_them(
+    tmp_path, job_environment, small_demo
+):
     """Table 4 (a) has five runs; three are finished already, so two jobs train (at once), each
     with two GLOO workers launched by its task, as a node's task launches its GPUs' workers."""
     for name in ("rch_qrl", "rch_qrl_gcl", "rch_qrl_gcl_hmc"):
@@ -215,7 +240,7 @@ def test_a_sweep_submits_the_missing_runs_as_jobs_and_tabulates_them(tmp_path, j
         "--gpus-per-node",
         "2",
         "--config-file",
-        str(DEMO),
+        str(small_demo),
         "--tables",
         "a",
         "--output-dir",

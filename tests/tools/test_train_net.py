@@ -70,7 +70,7 @@ model.num_classes = 2
 """
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=20)
 def test_two_processes_end_with_the_weights_of_one_process_with_the_same_total_batch(tmp_path):
     """Two GLOO processes with batch 1 each against one process with batch 2, 3 iterations.
 
