@@ -179,8 +179,8 @@ def test_a_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
     options = SlurmOptions(cluster="local", gpus_per_node=0, time_min=30)
-    job = training_job(TRAIN_NET, str(small_demo), [*overrides, f"train.output_dir={preempted_dir}"],
-                       options)  # fmt: skip
+    job = training_job(TRAIN_NET, str(small_demo),
+                       [*overrides, f"train.output_dir={preempted_dir}"], options)  # fmt: skip
     job = PreemptedOnce(job.script, job.flags, job.overrides, job.output_dir)
     (preempted,) = submit_jobs([job], options, preempted_dir / "slurm")
     stdout, stderr = reference.communicate(timeout=600)
