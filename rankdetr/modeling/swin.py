@@ -238,7 +238,8 @@ class SwinBackbone(nn.Module):
         super().__init__()
         self.out_indices = tuple(out_indices)
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        # On the CPU also when the model is built on another device (the meta device, say).
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
         for i, (depth, heads) in enumerate(zip(depths, num_heads)):
             first = sum(depths[:i])
