@@ -177,3 +177,12 @@ def test_a_one_iteration_run_has_a_constant_learning_rate():
     schedule = step_lr_schedule(max_iter=1)
     assert schedule(0.0) == 1.0 and schedule(0.99) == 1.0
     assert schedule(1.0) == 1.0  # detectron2's LR hook asks once more after the last step
+
+
+@pytest.mark.parametrize("value", ["None", "null"])
+def test_only_the_evaluator_node_may_be_turned_off_with_none(value):
+    assert load_config(DEMO, [f"dataloader.evaluator={value}"]).dataloader.evaluator is None
+    with pytest.raises(ConfigError, match=r"dataloader.test expects a dict"):
+        load_config(DEMO, [f"dataloader.test={value}"])
+    with pytest.raises(ConfigError, match=r"dataloader.evaluator expects a dict"):
+        load_config(DEMO, ["dataloader.evaluator=5"])
