@@ -37,6 +37,24 @@ def isolated_catalogs():
         catalog.update(entries)
 
 
+def _usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's cpuset), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per usable core, at most one per 4 GB of memory (a worker can hold
+    a few GB: R50 / Swin models, ONNX exports)."""
+    try:
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        memory_gb = 4.0 * _usable_cores()
+    return max(1, min(_usable_cores(), int(memory_gb // 4)))
+
+
 def pytest_configure(config):
     """Under pytest-xdist (`make test` runs `-n auto`), each worker gets an equal share of the
     cores: torch in the worker, and OMP/MKL for the tools the tests start as subprocesses. Without
@@ -44,7 +62,7 @@ def pytest_configure(config):
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if not workers:
         return
-    threads = max(1, (os.cpu_count() or 1) // int(workers))
+    threads = max(1, _usable_cores() // int(workers))
     torch.set_num_threads(threads)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = str(threads)
