@@ -131,16 +131,30 @@ class HungarianMatcher:
         Returns:
             B pairs (query_indices, target_indices), int64 on the CPU, each of length
             min(Q, T_b): query query_indices[i] is matched to target target_indices[i].
+
+        The costs of all images come from one (B * Q, sum T_b) matrix, as DETR's matcher computes
+        them, of which image b keeps its own (Q, T_b) block: every entry is computed from one
+        query and one target alone, so the blocks equal per-image matrices bit for bit, in a
+        few dozen operations per call instead of a few dozen per image.
         """
+        sizes = [len(target["labels"]) for target in targets]
+        empty = torch.empty(0, dtype=torch.int64)
+        if sum(sizes) == 0:
+            return [(empty, empty) for _ in targets]
+        batch, num_queries = pred_logits.shape[:2]
+        labels = torch.cat([target["labels"] for target in targets])
+        gt_boxes = torch.cat([target["boxes"] for target in targets])
+        cost = self.cost_matrix(
+            pred_logits.flatten(0, 1), pred_boxes.flatten(0, 1), labels, gt_boxes
+        )
+        cost = torch.nan_to_num(cost, nan=_LARGE_COST, posinf=_LARGE_COST, neginf=-_LARGE_COST)
+        blocks = cost.view(batch, num_queries, -1).cpu().split(sizes, dim=-1)
         matches = []
-        for logits, boxes, target in zip(pred_logits, pred_boxes, targets):
-            if len(target["labels"]) == 0:
-                empty = torch.empty(0, dtype=torch.int64)
+        for image, (block, size) in enumerate(zip(blocks, sizes)):
+            if size == 0:
                 matches.append((empty, empty))
                 continue
-            cost = self.cost_matrix(logits, boxes, target["labels"], target["boxes"])
-            cost = torch.nan_to_num(cost, nan=_LARGE_COST, posinf=_LARGE_COST, neginf=-_LARGE_COST)
-            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            rows, cols = linear_sum_assignment(block[image].numpy())
             matches.append(
                 (torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(cols.astype(np.int64)))
             )

@@ -165,3 +165,36 @@ def test_standard_cost_matches_eq5():
                 target["boxes"][t].tolist(),
             )
             assert cost[q, t].item() == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("high_order", [False, True], ids=["standard", "high_order"])
+def test_a_batch_is_matched_image_by_image(high_order, dtype):
+    """Three images in one call (one without targets): each gets the optimal assignment of its
+    own queries and targets (brute force), the very indices a call with that image alone gives,
+    and its costs equal that image's own cost matrix bit for bit."""
+    cases = [random_case(10 + image, 7, targets) for image, targets in enumerate([3, 0, 4])]
+    logits = torch.cat([case[0] for case in cases]).to(dtype)
+    boxes = torch.cat([case[1] for case in cases]).to(dtype)
+    targets = [{"labels": t["labels"], "boxes": t["boxes"].to(dtype)} for _, _, t in cases]
+    matcher = HungarianMatcher(high_order_start=0.5)
+    matcher.set_training_progress(0.75 if high_order else 0.25)
+    matches = matcher(logits, boxes, targets)
+    assert len(matches) == 3 and all(len(indices) == 0 for indices in matches[1])
+    labels, gt_boxes = torch.cat([t["labels"] for t in targets]), torch.cat(
+        [t["boxes"] for t in targets]
+    )
+    together = matcher.cost_matrix(logits.flatten(0, 1), boxes.flatten(0, 1), labels, gt_boxes)
+    blocks = together.view(3, 7, -1).split([3, 0, 4], dim=-1)
+    for image in (0, 2):
+        alone = matcher.cost_matrix(logits[image], boxes[image], *targets[image].values())
+        assert torch.equal(blocks[image][image], alone)
+        rows, cols = matches[image]
+        expected_rows, expected_cols = matcher(logits[image : image + 1], boxes[image : image + 1],
+                                               [targets[image]])[0]  # fmt: skip
+        assert torch.equal(rows, expected_rows) and torch.equal(cols, expected_cols)
+        total = sum(float(alone[q, t]) for q, t in zip(rows.tolist(), cols.tolist()))
+        best = brute_force_min_cost(
+            lambda q, t, alone=alone: float(alone[q, t]), 7, len(targets[image]["labels"])
+        )
+        assert total == pytest.approx(best, rel=1e-12, abs=1e-12)
