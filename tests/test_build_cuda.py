@@ -138,7 +138,7 @@ def skip_reason() -> str | None:
     return None
 
 
-@pytest.mark.slow(seconds=90)
+@pytest.mark.slow(seconds=60)
 @pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
 def test_cuda_extension_compiles_for_hopper_without_a_gpu(capsys):
     env = {**os.environ, "FORCE_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "9.0"}
