@@ -12,7 +12,8 @@ levels. Both copies must pick the same corners: the same NaN and the same exact 
 output and gradient, and otherwise values a few rounding errors apart.
 
 The copy is chosen once per process (RANKDETR_NO_AVX2=1 forces the baseline one), so each runs in
-its own subprocess. D = 32 takes a kernel specialised for that channel count, D = 5 the generic one.
+its own subprocess (one per copy, for every case of the module). D = 32 takes a kernel specialised
+for that channel count, D = 5 the generic one.
 """
 
 from __future__ import annotations
@@ -97,31 +98,48 @@ def edge_inputs(dtype: torch.dtype, channels: int, seed: int = 0):
     )
 
 
-# Runs in a fresh process: computes the op on edge_inputs and saves every output.
+# Runs in a fresh process: computes the op on edge_inputs for every (dtype, channels) case and
+# saves every output, keyed by case.
+CASES = [(dtype_name, channels) for dtype_name in DTYPES for channels in (5, 32)]
 _SCRIPT = textwrap.dedent("""
     import sys
     import torch
     import rankdetr._C  # noqa: F401  (registers torch.ops.rankdetr)
-    from tests.layers.test_ms_deform_attn_sampling_core import DTYPES, edge_inputs
-    dtype, channels, path = DTYPES[sys.argv[1]], int(sys.argv[2]), sys.argv[3]
-    value, shapes, starts, locations, weights, grad_output = edge_inputs(dtype, channels)
+    from tests.layers.test_ms_deform_attn_sampling_core import CASES, DTYPES, edge_inputs
     ops = torch.ops.rankdetr
-    output = ops.ms_deform_attn_forward(value, shapes, starts, locations, weights)
-    grads = ops.ms_deform_attn_backward(
-        value, shapes, starts, locations, weights, grad_output, True)
-    torch.save({"output": output, "grads": list(grads)}, path)
+    results = {}
+    for dtype_name, channels in CASES:
+        value, shapes, starts, locations, weights, grad_output = edge_inputs(
+            DTYPES[dtype_name], channels)
+        output = ops.ms_deform_attn_forward(value, shapes, starts, locations, weights)
+        grads = ops.ms_deform_attn_backward(
+            value, shapes, starts, locations, weights, grad_output, True)
+        results[(dtype_name, channels)] = {"output": output, "grads": list(grads)}
+    torch.save(results, sys.argv[1])
     """)
 
 
-def _run(dtype_name: str, channels: int, path: Path, scalar: bool) -> dict:
+def _run(path: Path, scalar: bool) -> dict:
+    """{(dtype name, channels): {"output", "grads"}} of one copy, in its own process (the copy is
+    chosen once per process): one process per copy for all CASES."""
     env = dict(os.environ)
     env.pop("RANKDETR_NO_AVX2", None)
     if scalar:
         env["RANKDETR_NO_AVX2"] = "1"
-    command = [sys.executable, "-c", _SCRIPT, dtype_name, str(channels), str(path)]
+    command = [sys.executable, "-c", _SCRIPT, str(path)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(path)
+
+
+@pytest.fixture(scope="module")
+def both_copies(tmp_path_factory) -> dict[str, dict]:
+    """The AVX2 ("vector") and baseline ("scalar") copies' results on every case."""
+    folder = tmp_path_factory.mktemp("sampling-core")
+    return {
+        "vector": _run(folder / "avx2.pt", scalar=False),
+        "scalar": _run(folder / "baseline.pt", scalar=True),
+    }
 
 
 def _assert_same_corners(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, name: str):
@@ -147,9 +165,9 @@ def test_edge_inputs_cover_the_boundaries():
 @pytest.mark.slow
 @pytest.mark.parametrize("channels", [5, 32], ids=["generic-D", "D32"])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-def test_avx2_copy_picks_the_corners_of_the_baseline_copy(tmp_path, dtype_name, channels):
-    vector = _run(dtype_name, channels, tmp_path / "avx2.pt", scalar=False)
-    scalar = _run(dtype_name, channels, tmp_path / "baseline.pt", scalar=True)
+def test_avx2_copy_picks_the_corners_of_the_baseline_copy(both_copies, dtype_name, channels):
+    vector = both_copies["vector"][(dtype_name, channels)]
+    scalar = both_copies["scalar"][(dtype_name, channels)]
     tolerance = TOLERANCE[dtype_name]
     _assert_same_corners(vector["output"], scalar["output"], tolerance, "output")
     for name, got, want in zip(("value", "locations", "weights"), vector["grads"], scalar["grads"]):
