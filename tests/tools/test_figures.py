@@ -3,15 +3,13 @@ random model and a 2-image dataset, and their errors for bad inputs."""
 
 import importlib.util
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from rankdetr.analysis.loading import run_command
 from rankdetr.data.synthetic import generate_shapes_dataset
 from rankdetr.engine.runner import build_model, load_config
 
@@ -61,27 +59,21 @@ def _model_args(tiny, count: int = 2) -> list[str]:
     return args
 
 
-@pytest.mark.slow(seconds=20)  # four processes that each import torch, torchvision and detectron2
-def test_every_command_writes_a_png_for_two_models(tiny):
-    """All four commands as users run them (in parallel: they mostly import)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+def test_every_command_writes_a_png_for_two_models(tiny, capsys, monkeypatch):
+    """All four commands with a user's arguments, through the entry point their scripts call
+    (run_command(main)), in this process: a subprocess each would mostly import torch and
+    detectron2 again (tests/test_untrusted_files.py runs them as commands)."""
+    monkeypatch.setenv("MPLBACKEND", "Agg")
     outputs = {tool: tiny["root"] / "out" / f"{tool}.png" for tool in TOOLS}
-    processes = {
-        tool: subprocess.Popen(
-            [sys.executable, str(ROOT / "tools" / f"{tool}.py"), *_model_args(tiny),
-             *_data_args(tiny), "--output", str(outputs[tool]), *TINY],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        for tool in TOOLS
-    }
     logs = {}
-    for tool, process in processes.items():
-        stdout, stderr = process.communicate(timeout=300)
-        logs[tool] = stdout
-        assert process.returncode == 0, f"{tool}:\n{stdout[-2000:]}\n{stderr[-3000:]}"
+    for tool in TOOLS:
+        argv = [*_model_args(tiny), *_data_args(tiny), "--output", str(outputs[tool]), *TINY]
+        run_command(_tool(tool).main, argv)
+        captured = capsys.readouterr()
+        logs[tool] = captured.out
         data = outputs[tool].read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 5000, tool
-        assert "%|" in stderr  # the tqdm progress bar
+        assert "%|" in captured.err, tool  # the tqdm progress bar
 
     # Every ground-truth box gets one matched query (10 queries >= boxes per image).
     annotations = json.loads(tiny["json"].read_text())["annotations"]
@@ -103,8 +95,6 @@ def _tool(name: str):
 
 
 def _error_of(tool: str, argv: list[str], capsys) -> str:
-    from rankdetr.analysis.loading import run_command
-
     with pytest.raises(SystemExit) as exit_info:
         run_command(_tool(tool).main, argv)
     assert exit_info.value.code == 1
