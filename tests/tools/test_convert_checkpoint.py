@@ -27,33 +27,37 @@ def test_converted_file_loads_strictly(tmp_path):
     torch.testing.assert_close(model.level_embeds, release["transformer.level_embeds"])
 
 
-def test_bad_input_is_reported_and_nothing_is_written(tmp_path):
+def convert(argv: list[str], capsys) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of the tool's main in this process (the command line itself
+    runs in test_converted_file_loads_strictly)."""
+    status = load_tool(TOOL, "convert_checkpoint").main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_bad_input_is_reported_and_nothing_is_written(tmp_path, capsys):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    result = subprocess.run(
-        [sys.executable, str(TOOL), str(tmp_path / "junk.pth"), str(tmp_path / "ours.pth")],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 1 and "junk.pth" in result.stderr
+    status, _, err = convert([tmp_path / "junk.pth", tmp_path / "ours.pth"], capsys)
+    assert status == 1 and "junk.pth" in err
     assert not (tmp_path / "ours.pth").exists()
 
 
-def test_a_three_layer_checkpoint_converts_without_being_told_its_depth(tmp_path):
+def test_a_three_layer_checkpoint_converts_without_being_told_its_depth(tmp_path, capsys):
     from tests.checkpoint.test_release import three_layer_release
 
     torch.save({"model": three_layer_release()}, tmp_path / "release.pth")
-    command = [sys.executable, str(TOOL), str(tmp_path / "release.pth"), str(tmp_path / "o.pth")]
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "decoder_layers=3" in result.stdout and "encoder_layers=6" in result.stdout
+    paths = [tmp_path / "release.pth", tmp_path / "o.pth"]
+    status, out, err = convert(paths, capsys)
+    assert status == 0, err
+    assert "decoder_layers=3" in out and "encoder_layers=6" in out
     converted = torch.load(tmp_path / "o.pth", weights_only=True)["model"]
     assert "proposals.class_head.weight" in converted and "decoder.class_heads.3.weight" not in (
         converted
     )
     # Insisting on another depth fails, naming both, and writes nothing.
     (tmp_path / "o.pth").unlink()
-    result = subprocess.run(command + ["--num-decoder-layers", "6"], capture_output=True, text=True)
-    assert result.returncode == 1 and "has 3 decoder layers" in result.stderr
+    status, _, err = convert([*paths, "--num-decoder-layers", "6"], capsys)
+    assert status == 1 and "has 3 decoder layers" in err
     assert not (tmp_path / "o.pth").exists()
 
 
@@ -75,20 +79,16 @@ def test_a_failed_save_names_the_file_and_keeps_the_previous_output(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.pth", "release.pth"]
 
 
-def test_a_detrex_dino_checkpoint_is_recognised_and_loads_strictly(tmp_path):
+def test_a_detrex_dino_checkpoint_is_recognised_and_loads_strictly(tmp_path, capsys):
     """The dino-tiny reference state dict (detrex's DINO names) -> our DINO, strictly."""
     from tests.checkpoint.test_dino_fixture import build_model
     from tests.shared_reference import load_shared_reference
 
     fixture = load_shared_reference("dino-tiny/dino_tiny_fixture.pth")
     torch.save({"model": fixture["state_dict"]}, tmp_path / "dino.pth")
-    result = subprocess.run(
-        [sys.executable, str(TOOL), str(tmp_path / "dino.pth"), str(tmp_path / "ours.pth")],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "DINO" in result.stdout and "num_queries=12" in result.stdout
-    assert "decoder_layers=3" in result.stdout and "num_classes=5" in result.stdout
+    status, out, err = convert([tmp_path / "dino.pth", tmp_path / "ours.pth"], capsys)
+    assert status == 0, err
+    assert "DINO" in out and "num_queries=12" in out
+    assert "decoder_layers=3" in out and "num_classes=5" in out
     converted = torch.load(tmp_path / "ours.pth", weights_only=True)["model"]
     build_model(fixture["config"]).load_state_dict(converted, strict=True)
