@@ -16,7 +16,10 @@
 // registered from Python (rankdetr/layers/ms_deform_attn_op.py).
 #pragma once
 
-#include <torch/types.h>
+// ATen's Tensor class alone: torch/types.h (or ATen/ATen.h) declares every ATen operator, and
+// parsing those headers was most of each file's compile time (each file includes the operators it
+// calls from ATen/ops/).
+#include <ATen/core/Tensor.h>
 
 #include <tuple>
 

@@ -39,6 +39,8 @@
 // gradient NaN; its weight gradient is grad_output . 0 = 0. CUDA and the reference agree.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <algorithm>
 #include <cmath>

@@ -31,9 +31,13 @@
 // conversion (sampling::clamp_to_index) and all their corners then fail the bounds checks; their
 // (NaN) bilinear weights still multiply the zero padding, so NaN propagates to the outputs as in
 // grid_sample.
-#include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
