@@ -177,12 +177,12 @@ def test_coco_config_holds_the_detr_recipe_as_detrex_writes_it():
 
 def test_demo_config_mapper_sets_the_final_resize_of_both_lists(tmp_path):
     """The demo's train mapper, instantiated from the config and an override of one list
-    element, maps a shapes image to the demo's sizes with a crop probability of 0.3."""
+    element, maps a shapes image to the demo's sizes without random crops."""
     cfg = load_config(
         DEMO_CONFIG, ["dataloader.train.mapper.augmentation_with_crop.2.crop_size=[90,100]"]
     )
     mapper = instantiate(cfg.dataloader.train.mapper)
-    assert "DetrDatasetMapper(is_train=True" in repr(mapper) and mapper.crop_probability == 0.3
+    assert "DetrDatasetMapper(is_train=True" in repr(mapper) and mapper.crop_probability == 0.0
     assert tuple(mapper.augmentation_with_crop[2].crop_size) == (90, 100)
     for final_resize in (mapper.augmentation[-1], mapper.augmentation_with_crop[-1]):
         assert tuple(final_resize.short_edge_length) == (128, 144, 160)
