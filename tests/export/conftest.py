@@ -10,7 +10,10 @@ from filelock import FileLock
 from tests.conftest import REPO_ROOT, load_tool
 
 DEMO = REPO_ROOT / "configs" / "demo" / "rank_detr_r18_shapes.py"
-OVERRIDES = ["model.num_classes=5"]
+# The demo network with 2 encoder layers, as before the demo moved to 1 (issue 25): the tie
+# scenarios of these tests (untrained weights give near-equal scores; which ones tie depends on
+# the network) and the README's ONNX figures are this network's seed-0 weights.
+OVERRIDES = ["model.num_classes=5", "model.encoder_layers=2"]
 
 
 @pytest.fixture(scope="session")

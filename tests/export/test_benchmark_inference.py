@@ -3,12 +3,15 @@
 import pytest
 
 from tests.conftest import REPO_ROOT, load_tool
+from tests.export.conftest import OVERRIDES
 
 pytest.importorskip("onnxruntime")
 
 
 def test_prints_eager_and_onnxruntime_rows_with_their_ratio(demo_onnx_export, capsys):
     tool = load_tool(REPO_ROOT / "tools" / "benchmark_inference.py", "benchmark_inference")
+    config, _, size = tool.MODELS["demo"]
+    tool.MODELS["demo"] = (config, OVERRIDES, size)  # the network of the shared export
     options = ["--models", "demo", "--repeats", "1", "--threads", "1", "--image-size", "96", "128"]
     args = tool.parse_args([*options, "--onnx", f"demo={demo_onnx_export[0]}"])
     tool.main(args)

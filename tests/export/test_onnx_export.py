@@ -25,11 +25,11 @@ from rankdetr.export import onnx as onnx_export  # noqa: E402
 from rankdetr.layers.ms_deform_attn_op import ms_deform_attn_reference  # noqa: E402
 from rankdetr.modeling.encoder import encoder_reference_points  # noqa: E402
 from rankdetr.modeling.two_stage import grid_proposals  # noqa: E402
+from tests.export.conftest import OVERRIDES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo" / "rank_detr_r18_shapes.py"
 RANK_DINO = ROOT / "configs" / "demo" / "rank_dino_r18_shapes.py"
-OVERRIDES = ["model.num_classes=5"]
 # One encoder and two decoder layers (the query rank layer sits between decoder layers): the
 # same code paths as the demo at two thirds of its export time.
 SHALLOW = ["model.encoder_layers=1", "model.decoder_layers=2"]

@@ -26,9 +26,9 @@ from rankdetr.data.synthetic import generate_shapes_dataset  # noqa: E402
 from rankdetr.export import OnnxDetector, OnnxInputError  # noqa: E402
 from rankdetr.predictor import Predictor  # noqa: E402
 from tests.conftest import REPO_ROOT  # noqa: E402
+from tests.export.conftest import OVERRIDES  # noqa: E402
 
 DEMO = REPO_ROOT / "configs" / "demo" / "rank_detr_r18_shapes.py"
-OVERRIDES = ["model.num_classes=5"]
 NAMES = ["circle", "square", "triangle", "cross", "ring"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
 
@@ -150,6 +150,7 @@ model, optimizer, lr_multiplier, dataloader, train = (
 dataloader.test.dataset.names = "onnx_pseudo_val"
 dataloader.test.num_workers = 0
 model.num_classes = 5
+model.encoder_layers = 2  # the exported network (tests/export/conftest.py)
 """
 
 
