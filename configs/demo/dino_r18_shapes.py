@@ -1,7 +1,7 @@
 """DINO on the bundled shapes dataset: the demo's small network (ResNet-18 from scratch, 128
 channels, 3 decoder layers; configs/demo/rank_detr_r18_shapes.py) on the DINO base, with 100
 queries and contrastive denoising, at the settings its README table was measured with: 2 encoder
-layers, 1300 iterations, random crops (the Rank-DETR demo has since moved to 1 layer, 1150
+layers, 1300 iterations, random crops (the Rank-DETR demo has since moved to 1 layer, 1100
 iterations and no crops, to train in 4 minutes). configs/demo/rank_dino_r18_shapes.py switches
 the four rank components on; the two side by side are the demo of Table 3.
 

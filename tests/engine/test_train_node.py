@@ -100,7 +100,7 @@ def test_fast_dev_run_runs_20_iterations_evaluating_at_10_and_20():
     assert (cfg.train.max_iter, cfg.train.eval_period, cfg.train.log_period) == (20, 10, 1)
     assert cfg.lr_multiplier.max_iter == 20  # the schedule follows
     plain = load_config(DEMO, [])
-    assert (plain.train.max_iter, plain.train.eval_period) == (1150, 1150)
+    assert (plain.train.max_iter, plain.train.eval_period) == (1100, 1100)
 
 
 class StopBeforeTraining(Exception):
