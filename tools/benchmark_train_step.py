@@ -227,9 +227,9 @@ def main(argv: list[str] | None = None) -> None:
             rows.append((name, train_s, infer_s))
 
     images = ", ".join(f"{h}x{w}" for h, w in sizes["images"])
-    dino = " (DINO: 900 + denoising)" if args.dino else ""
+    dino_rows = " (DINO: 900 + denoising)" if args.dino else ""
     print(
-        f"\n{args.size.upper()} two-stage, {num_queries}+{num_one2many} queries{dino}, batch 2 "
+        f"\n{args.size.upper()} two-stage, {num_queries}+{num_one2many} queries{dino_rows}, batch 2 "
         f"({images}), CPU, {args.threads} threads; our AdamW fused (configs/common/optim.py)."
     )
     baseline = [row for row in rows if row[0].startswith("pure-PyTorch")] or rows[:1]
