@@ -229,8 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     images = ", ".join(f"{h}x{w}" for h, w in sizes["images"])
     dino_rows = " (DINO: 900 + denoising)" if args.dino else ""
     print(
-        f"\n{args.size.upper()} two-stage, {num_queries}+{num_one2many} queries{dino_rows}, batch 2 "
-        f"({images}), CPU, {args.threads} threads; our AdamW fused (configs/common/optim.py)."
+        f"\n{args.size.upper()} two-stage, {num_queries}+{num_one2many} queries{dino_rows}, "
+        f"batch 2 ({images}), CPU, {args.threads} threads; our AdamW fused "
+        f"(configs/common/optim.py)."
     )
     baseline = [row for row in rows if row[0].startswith("pure-PyTorch")] or rows[:1]
     base_train, base_infer = baseline[0][1], baseline[0][2]
