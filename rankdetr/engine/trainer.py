@@ -70,7 +70,8 @@ def resolve_amp(amp: str | None, device_type: str) -> AmpChoice:
     else:
         choice = choose_amp_dtype(amp, device_type)
     precision = f"{choice.dtype} autocast" if choice.dtype else "float32 (autocast off)"
-    logger.info("Training precision on %s: %s; %s", device_type, precision, choice.reason)
+    level = logging.WARNING if choice.slow else logging.INFO
+    logger.log(level, "Training precision on %s: %s; %s", device_type, precision, choice.reason)
     return choice
 
 

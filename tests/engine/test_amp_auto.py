@@ -45,6 +45,14 @@ def test_an_explicit_dtype_is_kept_whatever_the_hardware(dtype):
     assert choice.dtype == dtype and "as configured" in choice.reason
 
 
+def test_bf16_forced_on_a_cpu_without_native_bf16_is_kept_and_warned_about():
+    slow = choose_amp_dtype("bf16", "cpu", cpu_features=[])
+    assert slow.dtype == "bf16" and slow.slow
+    assert "no native bf16" in slow.reason and "auto" in slow.reason
+    native = choose_amp_dtype("bf16", "cpu", cpu_features=AMX)
+    assert native.dtype == "bf16" and not native.slow and "no native" not in native.reason
+
+
 def test_cpu_flags_are_read_and_match_this_machine():
     assert cpu_bf16_features(flags={"sse2", "amx_bf16"})[-1:] == ["CPU flag amx_bf16"]
     assert "CPU flag avx512_bf16" in cpu_bf16_features(flags={"avx512_bf16", "avx512f"})

@@ -18,6 +18,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes, Instances
 
 from rankdetr._ext import extension_available
+from rankdetr.engine.precision import choose_amp_dtype
 from rankdetr.layers.ms_deform_attn_op import ms_deform_attn
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -121,6 +122,12 @@ def sorted_scores(model, inputs, amp: torch.dtype | None):
 @pytest.mark.parametrize("device,amp", PRECISIONS)
 @pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
 def test_real_configs_train_and_infer_under_autocast_close_to_float32(name, device, amp):
+    if device == "cpu" and name != "demo" and choose_amp_dtype("auto", "cpu").dtype is None:
+        # An AVX2-only CPU has no bf16 units: MKL/oneDNN run bf16 matmuls there at ~1 GFLOP/s
+        # (67x float32, README), so one R50 or Swin-T case takes 200+ s instead of seconds, and
+        # train.amp.dtype="auto" never picks bf16 on such a CPU. The demo case still runs here
+        # (same decoder, criterion and matcher); CPUs with AMX or AVX-512 BF16 run all three.
+        pytest.skip(f"{name} under bf16 needs a CPU with native bf16 (this one has none)")
     cfg = LazyConfig.load(str(MODEL_CONFIGS[name]))
     cfg.model.num_classes = 5
     torch.manual_seed(0)

@@ -30,4 +30,4 @@ def test_prints_the_step_time_and_the_operators_of_forward_backward_and_optimize
 
 def test_the_config_precision_is_used(capsys):
     out = run(capsys, "train.amp.enabled=True", "train.amp.dtype=bf16")
-    assert "precision: bf16 (train.amp.dtype=bf16 as configured)" in out
+    assert "precision: bf16 (train.amp.dtype=bf16 as configured" in out
