@@ -9,7 +9,6 @@ Predictor, the analysis and figure commands, convert_checkpoint.py and backbone 
 
 import os
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from rankdetr.data import register_shapes_dataset
 from rankdetr.engine.checkpoint import SafeCheckpointer
 from rankdetr.engine.runner import build_model, do_train, load_config
 from rankdetr.modeling.backbone import ResNetBackbone
+from tests.warm_python import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo" / "rank_detr_r18_shapes.py"
@@ -115,7 +115,7 @@ def test_command_line_tools(evil, tool, tmp_path):
     else:
         command = ["--model", "A", str(DEMO), str(path), "--output", str(tmp_path / "pr.png")]
         command += ["--max-images", "1", "model.num_queries=10", "model.num_queries_one2many=0"]
-    result = subprocess.run(
+    result = run_python(
         [sys.executable, str(ROOT / "tools" / f"{tool}.py"), *command],
         capture_output=True,
         text=True,

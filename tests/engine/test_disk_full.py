@@ -23,6 +23,7 @@ import torch
 
 import rankdetr.engine.checkpoint as checkpoint_module
 from rankdetr.engine.checkpoint import CheckpointError, SafeCheckpointer, is_complete_checkpoint
+from tests.warm_python import run_python
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_NET = ROOT / "tools" / "train_net.py"
@@ -215,7 +216,7 @@ def test_train_net_on_a_full_disk_says_so_in_one_line(tmp_path):
                "--config-file", str(DEMO), *TINY, f"train.output_dir={out_dir}"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("RANKDETR_TRACEBACK", None)
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    result = run_python(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

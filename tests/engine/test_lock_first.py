@@ -6,7 +6,6 @@ in this one; a run that holds the folder trains through do_train's own lock."""
 import os
 import re
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from rankdetr.engine.run_lock import LOCK_NAME, OWNER_NAME, run_lock
 from tests.conftest import REPO_ROOT
 from tests.engine.test_run_lock import hold_in_another_process
 from tests.test_predictor import DEMO_CONFIG, TINY_OVERRIDES
+from tests.warm_python import run_python
 
 # What run 1 wrote: run 2 asks for other values, so a rewrite would show.
 RUN_1_FILES = {
@@ -90,7 +90,7 @@ def test_no_process_of_a_refused_launch_writes(run_1_folder):
                *RUN_2, f"train.output_dir={run_1_folder}"]  # fmt: skip
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     try:
-        run_2 = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        run_2 = run_python(command, capture_output=True, text=True, env=env, timeout=300)
     finally:
         run_1.kill()
         run_1.wait()

@@ -3,7 +3,6 @@ run killed with SIGKILL and resumed with --resume ending with the uninterrupted 
 
 import os
 import random
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -24,6 +23,7 @@ from rankdetr.engine.checkpoint import SafeCheckpointer
 from rankdetr.engine.hooks import EMAHook, SeedHook, TrainingProgressHook
 from rankdetr.engine.optim import step_lr_schedule
 from rankdetr.engine.trainer import RankDETRTrainer
+from tests.warm_python import run_python
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_NET = ROOT / "tools" / "train_net.py"
@@ -237,7 +237,7 @@ def run_training(tmp_path, out_dir, *flags, kill_after=None):
         env["KILL_AFTER_ITER"] = str(kill_after)
     command = [sys.executable, str(wrapper), str(tmp_path / "shapes"), str(TRAIN_NET)]
     command += ["--config-file", str(DEMO), *flags, *OVERRIDES, f"train.output_dir={out_dir}"]
-    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    return run_python(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
 def final_state(out_dir):

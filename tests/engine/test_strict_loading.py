@@ -3,7 +3,6 @@ head surgery; train_net reports these errors in one line."""
 
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from rankdetr.checkpoint.backbone_weights import CheckpointError
 from rankdetr.data import register_shapes_dataset
 from rankdetr.engine.checkpoint import SafeCheckpointer
 from rankdetr.engine.runner import build_model, do_train, load_config
+from tests.warm_python import run_python
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "configs" / "demo" / "rank_detr_r18_shapes.py")
@@ -108,11 +108,11 @@ def test_train_net_reports_a_bad_checkpoint_in_one_line(five_class_checkpoint, t
     command = [sys.executable, str(ROOT / "tools" / "train_net.py"), "--config-file", DEMO,
                "--eval-only", f"train.init_checkpoint={five_class_checkpoint}",
                "model.num_classes=3", f"train.output_dir={tmp_path}", *SMALL]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    result = run_python(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "five.pth" in lines[0] and "Traceback" not in result.stderr
     env = {**os.environ, "RANKDETR_TRACEBACK": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    result = run_python(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert result.returncode != 0 and "Traceback" in result.stderr
     assert "CheckpointError" in result.stderr

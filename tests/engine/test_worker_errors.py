@@ -7,7 +7,6 @@ message: "Caught FileNotFoundError in DataLoader worker process 0.\\nOriginal Tr
 """
 
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch._utils import ExceptionWrapper
 
 from rankdetr.data.image_io import ImageReadError
 from rankdetr.errors import UserError, is_user_error, report_user_errors, user_message
+from tests.warm_python import run_python
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_NET = ROOT / "tools" / "train_net.py"
@@ -158,7 +158,7 @@ def train_with_a_bad_image(tmp_path: Path, problem: str, traceback: bool = False
     env.pop("RANKDETR_TRACEBACK", None)
     if traceback:
         env["RANKDETR_TRACEBACK"] = "1"
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    result = run_python(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     bad = [line.split(" ", 1)[1] for line in result.stdout.splitlines() if "BAD_IMAGE" in line]
     assert bad, result.stdout[-2000:] + result.stderr[-2000:]
     return bad[0], result

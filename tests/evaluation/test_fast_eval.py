@@ -10,7 +10,6 @@ import copy
 import io
 import json
 import math
-import subprocess
 import sys
 
 import numpy as np
@@ -27,6 +26,7 @@ from rankdetr.evaluation import fast_cocoeval as fast_module
 from rankdetr.evaluation import ranking_metrics
 from rankdetr.evaluation.olrp import olrp_from_coco_eval
 from tests.conftest import REPO_ROOT, load_tool
+from tests.warm_python import run_python
 
 TOLERANCE = 1e-12
 synthetic = load_tool(REPO_ROOT / "tools" / "make_synthetic_coco.py", "make_synthetic_coco")
@@ -407,7 +407,7 @@ def test_a_wrong_fast_path_fails_the_comparison(mutate, data, synthetic_coco, mo
 
 @pytest.mark.slow
 def test_benchmark_tool_prints_the_table_and_finds_the_numbers_identical():
-    result = subprocess.run(
+    result = run_python(
         [sys.executable, str(REPO_ROOT / "tools" / "benchmark_coco_eval.py"), "--images", "30"],
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
     )  # fmt: skip

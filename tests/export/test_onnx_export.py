@@ -10,7 +10,6 @@ checked with the tool at R50 size (`--check` tables in the README).
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from rankdetr.layers.ms_deform_attn_op import ms_deform_attn_reference  # noqa: 
 from rankdetr.modeling.encoder import encoder_reference_points  # noqa: E402
 from rankdetr.modeling.two_stage import grid_proposals  # noqa: E402
 from tests.export.conftest import OVERRIDES  # noqa: E402
+from tests.warm_python import run_python
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo" / "rank_detr_r18_shapes.py"
@@ -174,7 +174,7 @@ def test_missing_package_is_named(monkeypatch):
 
 
 def test_tool_help_runs_without_exporting():
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "export_onnx.py"), "--help"],
+    result = run_python([sys.executable, str(ROOT / "tools" / "export_onnx.py"), "--help"],
                             capture_output=True, text=True, check=True)  # fmt: skip
     assert "--check" in result.stdout
 

@@ -9,7 +9,6 @@ of each comparison.
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from tests.warm_python import run_python
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -124,7 +125,7 @@ def test_demo_tool_with_onnx_writes_a_drawn_png(exported, tmp_path):
     onnx_path, _ = exported
     image = np.random.default_rng(2).integers(0, 256, (96, 128, 3), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "a.png")
-    result = subprocess.run(
+    result = run_python(
         [sys.executable, str(REPO_ROOT / "tools" / "demo.py"), "--onnx", str(onnx_path),
          "--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "out"),
          "--score-threshold", "0"],
@@ -180,7 +181,7 @@ def pseudo_labelled_dataset(root: Path, predictor: Predictor, per_image: int = 6
 
 def eval_only(config: Path, output: Path, *args: str) -> dict[str, float]:
     """tools/train_net.py --eval-only; the bbox metrics of its `copypaste:` lines."""
-    result = subprocess.run(
+    result = run_python(
         [sys.executable, str(REPO_ROOT / "tools" / "train_net.py"), "--config-file", str(config),
          "--eval-only", *args, f"train.output_dir={output}", "train.device=cpu"],
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=600, env=ENV,
@@ -210,7 +211,7 @@ def test_eval_only_onnx_gives_the_pytorch_ap(exported, predictors, tmp_path):
 
 
 def test_onnx_flag_needs_eval_only(exported):
-    result = subprocess.run(
+    result = run_python(
         [sys.executable, str(REPO_ROOT / "tools" / "train_net.py"), "--config-file", str(DEMO),
          "--onnx", str(exported[0])],
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=120, env=ENV,

@@ -1,6 +1,5 @@
 """tools/convert_checkpoint.py: release checkpoint file -> loadable rankdetr checkpoint."""
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import torch
 
 from tests.checkpoint.test_release import fake_release_state_dict, r50_two_stage
 from tests.conftest import load_tool
+from tests.warm_python import run_python
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "convert_checkpoint.py"
 
@@ -15,7 +15,7 @@ TOOL = Path(__file__).resolve().parents[2] / "tools" / "convert_checkpoint.py"
 def test_converted_file_loads_strictly(tmp_path):
     release = fake_release_state_dict()
     torch.save({"model": release, "iteration": 89999}, tmp_path / "release.pth")
-    result = subprocess.run(
+    result = run_python(
         [sys.executable, str(TOOL), str(tmp_path / "release.pth"), str(tmp_path / "ours.pth")],
         capture_output=True,
         text=True,

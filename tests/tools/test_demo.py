@@ -1,6 +1,5 @@
 """tools/demo.py: inputs (files, directories, globs), drawn PNGs, and bad inputs reported."""
 
-import subprocess
 import sys
 
 import numpy as np
@@ -10,6 +9,7 @@ from PIL import Image
 from rankdetr.predictor import Prediction
 from tests.conftest import REPO_ROOT, load_tool
 from tests.test_predictor import DEMO_CONFIG, TINY_OVERRIDES, save_tiny_checkpoint
+from tests.warm_python import run_python
 
 TOOL = REPO_ROOT / "tools" / "demo.py"
 
@@ -34,7 +34,7 @@ def test_end_to_end_writes_drawn_pngs_and_reports_the_unreadable_image(tmp_path)
     (tmp_path / "dir" / "notes.txt").write_text("not an image")
     write_image(tmp_path / "glob" / "c.png", 70, 70, seed=2)
     (tmp_path / "glob" / "broken.png").write_bytes(b"\x89PNG broken")
-    result = subprocess.run(
+    result = run_python(
         [sys.executable, str(TOOL), "--config-file", DEMO_CONFIG,
          "--checkpoint", str(tmp_path / "tiny.pth"),
          "--input", str(tmp_path / "dir"), str(tmp_path / "glob" / "*.png"),
@@ -107,7 +107,7 @@ def test_an_image_above_the_pixel_limit_is_skipped_and_named(tmp_path):
     save_tiny_checkpoint(tmp_path / "tiny.pth")
     write_image(tmp_path / "large.png", 60, 90)
     write_image(tmp_path / "small.png", 70, 70, seed=1)
-    result = subprocess.run(
+    result = run_python(
         [sys.executable, str(TOOL), "--config-file", DEMO_CONFIG,
          "--checkpoint", str(tmp_path / "tiny.pth"), "--input", str(tmp_path / "*.png"),
          "--output", str(tmp_path / "out"), *TINY_OVERRIDES,

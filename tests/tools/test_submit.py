@@ -16,6 +16,7 @@ from submitit.helpers import DelayedSubmission
 
 from rankdetr.engine.slurm import SlurmOptions, TrainingJob, submit_jobs, training_job
 from tests.tools.test_ablation_sweep import table_rows
+from tests.warm_python import run_python
 
 ROOT = Path(__file__).resolve().parents[2]
 SUBMIT = ROOT / "tools" / "submit.py"
@@ -73,7 +74,7 @@ def job_environment(monkeypatch):
 
 
 def run_tool(tool, *args, env=None, timeout=600):
-    return subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True,
+    return run_python([sys.executable, str(tool), *args], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout)  # fmt: skip
 
 

@@ -2,12 +2,13 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.warm_python import run_python
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_NET = ROOT / "tools" / "train_net.py"
@@ -15,7 +16,7 @@ DEMO = ROOT / "configs" / "demo" / "rank_detr_r18_shapes.py"
 
 
 def run_train_net(*args, env=None, timeout=600, config=DEMO):
-    return subprocess.run(
+    return run_python(
         [sys.executable, str(TRAIN_NET), "--config-file", str(config), *args],
         capture_output=True,
         text=True,

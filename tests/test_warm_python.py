@@ -1,0 +1,85 @@
+"""tests/warm_python.py gives what a fresh interpreter gives: the same stdout, stderr and exit
+status as `subprocess.run` for the same script, and a fresh interpreter where a fork cannot."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.warm_python import run_python
+
+SCRIPT = """
+import os, sys, threading, time
+print("argv", sys.argv[1:], __name__, os.getcwd(), os.environ.get("WARM_TEST"))
+print("to stderr", file=sys.stderr)
+print("progress\\rdone")
+what = sys.argv[1]
+if what == "code":
+    sys.exit(3)
+if what == "message":
+    sys.exit("a message")
+if what == "raise":
+    raise ValueError("boom")
+if what == "signal":
+    os.kill(os.getpid(), 9)
+if what == "thread":  # a non-daemon thread still runs at the end: its output comes too
+    threading.Thread(target=lambda: (time.sleep(0.3), print("thread finished"))).start()
+if what == "sleep":
+    time.sleep(60)
+"""
+
+
+@pytest.fixture
+def script(tmp_path):
+    path = tmp_path / "script.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+@pytest.mark.parametrize("what", ["ok", "code", "message", "raise", "signal", "thread"])
+def test_same_result_as_a_fresh_interpreter(script, tmp_path, what):
+    command = [sys.executable, str(script), what]
+    env = {**os.environ, "WARM_TEST": "yes"}
+    cold = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env)
+    warm = run_python(command, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert (warm.returncode, warm.stdout, warm.stderr) == (
+        cold.returncode,
+        cold.stdout,
+        cold.stderr,
+    )
+    assert "argv" in warm.stdout and warm.returncode == {"ok": 0, "code": 3, "signal": -9}.get(
+        what, 0 if what == "thread" else 1
+    )
+
+
+PARENT = """
+import os, torch
+torch.set_num_threads(2)
+print(os.getppid(), torch.randn(600, 600).mm(torch.randn(600, 600)).shape)
+"""
+
+
+def test_forks_from_the_server_and_runs_parallel_torch(tmp_path):
+    """The child is not this process's (it is the server's), and OpenMP works in it."""
+    path = tmp_path / "parent.py"
+    path.write_text(PARENT)
+    result = run_python([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    parent, shape = result.stdout.split(" ", 1)
+    assert int(parent) != os.getpid() and shape.strip() == "torch.Size([600, 600])"
+
+
+def test_an_import_time_variable_gets_a_fresh_interpreter(tmp_path):
+    path = tmp_path / "parent.py"
+    path.write_text(PARENT)
+    threads = "3" if os.environ.get("OMP_NUM_THREADS") != "3" else "4"
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
+    result = run_python([sys.executable, str(path)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.split(" ", 1)[0]) == os.getpid()
+
+
+def test_a_timeout_kills_the_child(script):
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_python([sys.executable, str(script), "sleep"], capture_output=True, timeout=1)
