@@ -83,3 +83,14 @@ def test_an_import_time_variable_gets_a_fresh_interpreter(tmp_path):
 def test_a_timeout_kills_the_child(script):
     with pytest.raises(subprocess.TimeoutExpired):
         run_python([sys.executable, str(script), "sleep"], capture_output=True, timeout=1)
+
+
+def test_a_changed_worker_environment_gets_a_new_server(tmp_path, monkeypatch):
+    """torch.compile sets TORCHINDUCTOR_CACHE_DIR in the worker: later commands still fork, from
+    a server started with the new environment."""
+    path = tmp_path / "parent.py"
+    path.write_text(PARENT)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    result = run_python([sys.executable, str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.split(" ", 1)[0]) != os.getpid()

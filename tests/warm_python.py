@@ -29,6 +29,7 @@ import locale
 import os
 import runpy
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -204,30 +205,34 @@ class _Server:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-        Path(self.path).unlink(missing_ok=True)
-        os.rmdir(self.folder)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 _server: _Server | None = None
 _server_lock = threading.Lock()
 
 
-def _get_server() -> _Server:
+def _server_for(env: dict[str, str]) -> _Server | None:
+    """A server whose import-time environment is `env`'s, or None where `env` is not this
+    worker's own (then only a fresh interpreter starts with it). A test that changed the worker's
+    environment (torch's inductor sets TORCHINDUCTOR_* variables, monkeypatch.setenv) gets a new
+    server started with it."""
     global _server
+    wanted = _import_time_env(env)
     with _server_lock:
-        if _server is None or _server.process.poll() is not None:
-            _server = _Server()
+        alive = _server is not None and _server.process.poll() is None
+        if alive and _import_time_env(_server.env) == wanted:
+            return _server
+        if wanted != _import_time_env(os.environ):
+            return None
+        if _server is not None:
+            _server.close()
+        _server = _Server()
         return _server
 
 
-def _can_fork(args, env: dict[str, str] | None, server_env: dict[str, str]) -> bool:
-    if os.environ.get("RANKDETR_TEST_COLD_PYTHON") == "1" or not hasattr(os, "pidfd_open"):
-        return False
-    if len(args) < 2 or str(args[0]) != sys.executable or not str(args[1]).endswith(".py"):
-        return False
-    return _import_time_env(env if env is not None else dict(os.environ)) == _import_time_env(
-        server_env
-    )
+def _is_python_script(args: list[str]) -> bool:
+    return len(args) >= 2 and args[0] == sys.executable and args[1].endswith(".py")
 
 
 def _read(file, text: bool):
@@ -254,7 +259,11 @@ def run_python(
     `subprocess.run`. Stdin is empty (/dev/null); without capture_output the output goes where
     this process's goes."""
     args = [str(a) for a in args]
-    if not _can_fork(args, env, os.environ) or not _can_fork(args, env, _get_server().env):
+    server = None
+    cold = os.environ.get("RANKDETR_TEST_COLD_PYTHON") == "1" or not hasattr(os, "pidfd_open")
+    if _is_python_script(args) and not cold:
+        server = _server_for(dict(env if env is not None else os.environ))
+    if server is None:
         return subprocess.run(
             args,
             stdin=subprocess.DEVNULL,
@@ -265,7 +274,6 @@ def run_python(
             timeout=timeout,
             check=check,
         )
-    server = _get_server()
     request = {
         "argv": args,
         "cwd": str(cwd if cwd is not None else os.getcwd()),
