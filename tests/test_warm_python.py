@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from tests import warm_python
 from tests.warm_python import run_python
 
 SCRIPT = """
@@ -85,12 +86,35 @@ def test_a_timeout_kills_the_child(script):
         run_python([sys.executable, str(script), "sleep"], capture_output=True, timeout=1)
 
 
-def test_a_changed_worker_environment_gets_a_new_server(tmp_path, monkeypatch):
+def test_a_server_per_worker_environment_and_none_for_another(monkeypatch):
     """torch.compile sets TORCHINDUCTOR_CACHE_DIR in the worker: later commands still fork, from
-    a server started with the new environment."""
-    path = tmp_path / "parent.py"
-    path.write_text(PARENT)
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    result = run_python([sys.executable, str(path)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert int(result.stdout.split(" ", 1)[0]) != os.getpid()
+    a server started with the new environment; going back reuses the first server. A command
+    whose own environment differs from the worker's gets no server (a fresh interpreter)."""
+    started = []
+
+    class FakeServer:
+        def __init__(self):
+            self.env = dict(os.environ)
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", "input()"], stdin=subprocess.PIPE
+            )
+            started.append(self)
+
+        def close(self):
+            self.process.kill()
+            self.process.wait()
+
+    monkeypatch.setattr(warm_python, "_Server", FakeServer)
+    monkeypatch.setattr(warm_python, "_servers", {})
+    usual = warm_python._server_for(dict(os.environ))
+    assert usual is warm_python._server_for(dict(os.environ)) and len(started) == 1
+    other = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": "/elsewhere"}
+    assert warm_python._server_for(other) is None and len(started) == 1
+    with monkeypatch.context() as patch:
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+        changed = warm_python._server_for(dict(os.environ))
+        assert changed is not usual and changed.env["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"
+    assert warm_python._server_for(dict(os.environ)) is usual and len(started) == 2
+    assert warm_python._server_for({**os.environ, "UNRELATED_TO_IMPORTS": "1"}) is usual
+    for server in started:
+        server.close()

@@ -208,27 +208,28 @@ class _Server:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-_server: _Server | None = None
+_servers: dict[frozenset, _Server] = {}  # by import-time environment, oldest first
+_MAX_SERVERS = 3
 _server_lock = threading.Lock()
 
 
 def _server_for(env: dict[str, str]) -> _Server | None:
     """A server whose import-time environment is `env`'s, or None where `env` is not this
     worker's own (then only a fresh interpreter starts with it). A test that changed the worker's
-    environment (torch's inductor sets TORCHINDUCTOR_* variables, monkeypatch.setenv) gets a new
-    server started with it."""
-    global _server
-    wanted = _import_time_env(env)
+    environment (torch's inductor sets TORCHINDUCTOR_CACHE_DIR, monkeypatch.setenv) gets a server
+    started with it; the last few are kept, so a test file's own environment and the usual one
+    do not restart each other."""
+    key = frozenset(_import_time_env(env).items())
     with _server_lock:
-        alive = _server is not None and _server.process.poll() is None
-        if alive and _import_time_env(_server.env) == wanted:
-            return _server
-        if wanted != _import_time_env(os.environ):
+        server = _servers.get(key)
+        if server is not None and server.process.poll() is None:
+            return server
+        if key != frozenset(_import_time_env(os.environ).items()):
             return None
-        if _server is not None:
-            _server.close()
-        _server = _Server()
-        return _server
+        if len(_servers) >= _MAX_SERVERS:
+            _servers.pop(next(iter(_servers))).close()
+        _servers[key] = _Server()
+        return _servers[key]
 
 
 def _is_python_script(args: list[str]) -> bool:
