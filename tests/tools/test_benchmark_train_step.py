@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT, load_tool
+from tests.warm_python import run_python
 
 SCRIPT = REPO_ROOT / "tools" / "benchmark_train_step.py"
 
@@ -35,22 +36,25 @@ def test_a_release_path_without_the_release_is_refused(tool, tmp_path, capsys):
     assert "rank_detr_r50.py" in capsys.readouterr().err
 
 
-def run(*options: str) -> subprocess.CompletedProcess:
-    """The script on tiny sizes, one thread, in its own process; reports whether the release's
-    packages got imported."""
-    code = (
-        "import runpy, sys; sys.argv = ['benchmark_train_step.py', *sys.argv[1:]]; "
-        f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__'); "
-        "print('imported detrex:', 'detrex' in sys.modules)"
-    )
-    command = [sys.executable, "-c", code, "--size", "tiny", "--threads", "1", "--repeats", "1"]
-    return subprocess.run(
-        [*command, *options], capture_output=True, text=True, cwd=REPO_ROOT, timeout=900
-    )
+WRAPPER = f"""
+import runpy, sys
+sys.argv = ["benchmark_train_step.py", *sys.argv[1:]]
+runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
+print("imported detrex:", "detrex" in sys.modules)
+"""
 
 
-def test_a_tiny_run_prints_its_table_and_imports_nothing_of_the_release():
-    result = run("--skip-baseline")
+def run(*options: str, wrapper: Path, fresh: bool = False) -> subprocess.CompletedProcess:
+    """The script on tiny sizes, one thread, in its own process (fresh: a new interpreter, not a
+    warm fork); reports whether the release's packages got imported."""
+    wrapper.write_text(WRAPPER)
+    command = [sys.executable, str(wrapper), "--size", "tiny", "--threads", "1", "--repeats", "1"]
+    runner = subprocess.run if fresh else run_python
+    return runner([*command, *options], capture_output=True, text=True, cwd=REPO_ROOT, timeout=900)
+
+
+def test_a_tiny_run_prints_its_table_and_imports_nothing_of_the_release(tmp_path):
+    result = run("--skip-baseline", wrapper=tmp_path / "wrapper.py")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| rankdetr " in result.stdout
     assert "imported detrex: False" in result.stdout
@@ -60,12 +64,13 @@ RELEASE = os.environ.get("RANKDETR_RELEASE_PATH")
 
 
 @pytest.mark.skipif(not RELEASE, reason="RANKDETR_RELEASE_PATH names no release tree")
-def test_side_by_side_with_the_release_on_tiny_sizes():
+def test_side_by_side_with_the_release_on_tiny_sizes(tmp_path):
     deps = os.environ.get("RANKDETR_RELEASE_DEPS")
     options = ["--release-path", str(Path(RELEASE))]
     if deps:
         options += ["--release-deps", deps]
-    result = run(*options)
+    # A fresh interpreter: the release's packages go on sys.path before anything is imported.
+    result = run(*options, wrapper=tmp_path / "wrapper.py", fresh=True)
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(x for x in result.stdout.splitlines() if x.startswith("losses on the same"))
     assert float(line.split("of a term: ")[1].split(",")[0]) < 1e-5, line
