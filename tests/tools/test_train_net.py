@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rankdetr.engine.precision import choose_amp_dtype
 from tests.warm_python import run_python
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,4 +145,9 @@ def test_the_demo_trains_under_bf16_autocast(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "out" / "model_final.pth").is_file()
-    assert "iter: 1" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "iter: 1" in output
+    (precision,) = [line for line in output.splitlines() if "Training precision on cpu" in line]
+    assert "bf16 autocast" in precision
+    # Where the CPU has no bf16 units the log warns that bf16 is slow here.
+    assert ("WARNING" in precision) == choose_amp_dtype("bf16", "cpu").slow, precision
