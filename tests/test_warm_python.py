@@ -118,3 +118,18 @@ def test_a_server_per_worker_environment_and_none_for_another(monkeypatch):
     assert warm_python._server_for({**os.environ, "UNRELATED_TO_IMPORTS": "1"}) is usual
     for server in started:
         server.close()
+
+
+def test_a_server_that_cannot_start_leaves_fresh_interpreters_and_says_why(
+    script, tmp_path, monkeypatch
+):
+    broken = tmp_path / "broken_server.py"
+    broken.write_text("raise ImportError('no module named torch, say')\n")
+    monkeypatch.setattr(warm_python, "__file__", str(broken))
+    monkeypatch.setattr(warm_python, "_servers", {})
+    monkeypatch.setattr(warm_python, "_failed", set())
+    command = [sys.executable, str(script), "code"]
+    with pytest.warns(UserWarning, match="no module named torch, say"):
+        result = run_python(command, capture_output=True, text=True)
+    assert result.returncode == 3 and "argv ['code']" in result.stdout
+    assert warm_python._server_for(dict(os.environ)) is None  # not tried again

@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 PRELOAD = (
@@ -185,18 +186,23 @@ class _Server:
         self.folder = tempfile.mkdtemp(prefix="warm-python-")
         self.path = os.path.join(self.folder, "socket")
         self.env = dict(os.environ)
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, self.path],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,  # the imports' warnings; each child has its own stderr
-            text=True,
-            env=self.env,
-        )
+        errors = os.path.join(self.folder, "server.err")  # the imports' warnings, or why it failed
+        with open(errors, "wb") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, __file__, self.path],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                env=self.env,
+            )
+        atexit.register(self.close)
         line = self.process.stdout.readline().strip()
         if line != _READY:
-            raise RuntimeError(f"warm-python server did not start (said {line!r})")
-        atexit.register(self.close)
+            self.process.wait(timeout=60)
+            said = Path(errors).read_text(errors="replace")[-2000:]
+            self.close()
+            raise RuntimeError(f"the warm-python server did not start: {line!r}\n{said}")
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -210,6 +216,7 @@ class _Server:
 
 _servers: dict[frozenset, _Server] = {}  # by import-time environment, oldest first
 _MAX_SERVERS = 3
+_failed: set[frozenset] = set()  # environments whose server did not start: not tried again
 _server_lock = threading.Lock()
 
 
@@ -228,7 +235,15 @@ def _server_for(env: dict[str, str]) -> _Server | None:
             return None
         if len(_servers) >= _MAX_SERVERS:
             _servers.pop(next(iter(_servers))).close()
-        _servers[key] = _Server()
+        if key in _failed:
+            return None
+        try:
+            _servers[key] = _Server()
+        except (OSError, RuntimeError) as error:  # slower, not wrong: fresh interpreters
+            _failed.add(key)
+            message = f"tests/warm_python.py: {error}; commands run in fresh interpreters"
+            warnings.warn(message, stacklevel=3)
+            return None
         return _servers[key]
 
 
