@@ -81,6 +81,15 @@ def test_an_import_time_variable_gets_a_fresh_interpreter(tmp_path):
     assert int(result.stdout.split(" ", 1)[0]) == os.getpid()
 
 
+def test_a_large_environment_arrives_whole(tmp_path):
+    """The request (argv, environment) is longer than one read of the server's socket."""
+    path = tmp_path / "length.py"
+    path.write_text("import os; print(len(os.environ['WARM_TEST_LARGE']))")
+    env = {**os.environ, "WARM_TEST_LARGE": "x" * 300_000}
+    result = run_python([sys.executable, str(path)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "300000", result.stderr
+
+
 def test_a_timeout_kills_the_child(script):
     with pytest.raises(subprocess.TimeoutExpired):
         run_python([sys.executable, str(script), "sleep"], capture_output=True, timeout=1)

@@ -156,12 +156,24 @@ def serve(path: str) -> None:
                 return
             if key.data == "accept":
                 connection, _ = listener.accept()
-                message, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
+                message, fds, _, _ = socket.recv_fds(connection, 1 << 16, 3)
+                while not message.endswith(b"\n"):  # a stream: the request may come in parts
+                    part = connection.recv(1 << 16)
+                    if not part:
+                        break
+                    message += part
+                try:
+                    request = json.loads(message)
+                except ValueError:  # the caller went away mid-request
+                    for fd in fds:
+                        os.close(fd)
+                    connection.close()
+                    continue
                 pid = os.fork()
                 if pid == 0:
                     listener.close()
                     connection.close()
-                    _run_child(json.loads(message), fds)
+                    _run_child(request, fds)
                 for fd in fds:
                     os.close(fd)
                 connection.sendall(f"{pid}\n".encode())
@@ -309,7 +321,7 @@ def run_python(
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with connection, connection.makefile("r") as replies:
             connection.connect(server.path)
-            socket.send_fds(connection, [json.dumps(request).encode()], fds)
+            socket.send_fds(connection, [json.dumps(request).encode() + b"\n"], fds)
             pid = int(replies.readline())
             connection.settimeout(timeout)
             started = time.monotonic()
