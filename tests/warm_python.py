@@ -3,10 +3,10 @@ the imports already done.
 
 A fresh ``python tools/train_net.py`` spends ~6 s of CPU importing torch, torchvision (which
 imports torch._dynamo), detectron2 and rankdetr before it reads its first argument (2-core AMD
-EPYC, README "Development"); the suite starts dozens of such tools. Here one server process per
-pytest worker imports them once and forks a child per command: the child takes the command's
-stdin/stdout/stderr file descriptors, working folder, environment and argv, and runs the script
-as ``__main__`` (``runpy``), as the interpreter would. Its exit status reaches the caller as a
+EPYC, README "Development"); the suite starts dozens of such tools. Here a server process per
+pytest worker (one per environment it has had, up to 3) imports them once and forks a child
+per command: the child takes the command's stdin/stdout/stderr file descriptors, working
+folder, environment and argv, and runs the script as ``__main__`` (``runpy``), as the interpreter would. Its exit status reaches the caller as a
 `subprocess.CompletedProcess`, -N where a signal N ended it.
 
 What a fork cannot give, a fresh interpreter does (`run_python` falls back to `subprocess.run`):
@@ -211,7 +211,10 @@ class _Server:
         atexit.register(self.close)
         line = self.process.stdout.readline().strip()
         if line != _READY:
-            self.process.wait(timeout=60)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
             said = Path(errors).read_text(errors="replace")[-2000:]
             self.close()
             raise RuntimeError(f"the warm-python server did not start: {line!r}\n{said}")
@@ -243,12 +246,12 @@ def _server_for(env: dict[str, str]) -> _Server | None:
         server = _servers.get(key)
         if server is not None and server.process.poll() is None:
             return server
-        if key != frozenset(_import_time_env(os.environ).items()):
+        if key != frozenset(_import_time_env(os.environ).items()) or key in _failed:
             return None
+        if server is not None:  # it has ended: forget it
+            _servers.pop(key).close()
         if len(_servers) >= _MAX_SERVERS:
             _servers.pop(next(iter(_servers))).close()
-        if key in _failed:
-            return None
         try:
             _servers[key] = _Server()
         except (OSError, RuntimeError) as error:  # slower, not wrong: fresh interpreters
