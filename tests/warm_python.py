@@ -6,8 +6,9 @@ imports torch._dynamo), detectron2 and rankdetr before it reads its first argume
 EPYC, README "Development"); the suite starts dozens of such tools. Here a server process per
 pytest worker (one per environment it has had, up to 3) imports them once and forks a child
 per command: the child takes the command's stdin/stdout/stderr file descriptors, working
-folder, environment and argv, and runs the script as ``__main__`` (``runpy``), as the interpreter would. Its exit status reaches the caller as a
-`subprocess.CompletedProcess`, -N where a signal N ended it.
+folder, environment and argv, and runs the script as ``__main__`` (``runpy``), as the
+interpreter would. Its exit status reaches the caller as a `subprocess.CompletedProcess`, -N
+where a signal N ended it.
 
 What a fork cannot give, a fresh interpreter does (`run_python` falls back to `subprocess.run`):
 a command that is not ``python script.py ...``, and an environment that differs from the
