@@ -36,6 +36,17 @@ def test_a_release_path_without_the_release_is_refused(tool, tmp_path, capsys):
     assert "rank_detr_r50.py" in capsys.readouterr().err
 
 
+def test_the_loss_check_runs_on_an_unpadded_batch(tool):
+    """The timed batch pads its 288x320 image; the loss check's batch has both at 320x320, since
+    padded positions give the release identical proposals whose rank order is rounding noise."""
+    batch = tool.fixed_batch(tool.SIZES["r50"]["images"])
+    assert {tuple(s["image"].shape[1:]) for s in batch} == {(320, 320), (288, 320)}
+    check = tool.unpadded_batch(batch)
+    assert [tuple(s["image"].shape[1:]) for s in check] == [(320, 320), (320, 320)]
+    assert all((s["height"], s["width"]) == (320, 320) for s in check)
+    assert all(len(s["instances"]) == 2 for s in check)
+
+
 WRAPPER = f"""
 import runpy, sys
 sys.argv = ["benchmark_train_step.py", *sys.argv[1:]]
