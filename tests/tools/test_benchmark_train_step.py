@@ -36,15 +36,38 @@ def test_a_release_path_without_the_release_is_refused(tool, tmp_path, capsys):
     assert "rank_detr_r50.py" in capsys.readouterr().err
 
 
-def test_the_loss_check_runs_on_an_unpadded_batch(tool):
-    """The timed batch pads its 288x320 image; the loss check's batch has both at 320x320, since
-    padded positions give the release identical proposals whose rank order is rounding noise."""
-    batch = tool.fixed_batch(tool.SIZES["r50"]["images"])
-    assert {tuple(s["image"].shape[1:]) for s in batch} == {(320, 320), (288, 320)}
-    check = tool.unpadded_batch(batch)
-    assert [tuple(s["image"].shape[1:]) for s in check] == [(320, 320), (320, 320)]
-    assert all((s["height"], s["width"]) == (320, 320) for s in check)
-    assert all(len(s["instances"]) == 2 for s in check)
+def test_the_loss_check_runs_on_an_unpadded_batch(tool, monkeypatch):
+    """compare_with_release checks the losses on the batch with both images at the first size
+    (padded positions give the release identical proposals whose rank order is rounding noise);
+    the timed batch keeps its padded 80x96 image. The release is stood in for by our own model's
+    weights, and the run stops at the check."""
+    import argparse
+    import copy
+
+    import rankdetr.checkpoint
+
+    model = tool.build_model(depth=18, num_queries=20, num_queries_one2many=60)
+    batch = tool.fixed_batch(tool.SIZES["tiny"]["images"])
+    stand_in = copy.deepcopy(model)
+    checked = []
+
+    def record_and_stop(ours, release, check_batch):
+        checked.append(check_batch)
+        raise SystemExit("stop before timing")
+
+    monkeypatch.setattr(tool, "import_release", lambda *args: None)
+    monkeypatch.setattr(tool, "build_release_model", lambda *args: stand_in)
+    monkeypatch.setattr(tool, "randomize_zero_parameters", lambda release: None)
+    monkeypatch.setattr(rankdetr.checkpoint, "convert_release_state_dict", lambda state: state)
+    monkeypatch.setattr(tool, "check_same_losses", record_and_stop)
+    args = argparse.Namespace(release_path=None, release_deps=None, size="tiny", compile=False)
+    with pytest.raises(SystemExit, match="stop before timing"):
+        tool.compare_with_release(args, model, batch, None)
+    (check_batch,) = checked
+    assert [tuple(s["image"].shape[1:]) for s in batch] == [(96, 96), (80, 96)]
+    assert [tuple(s["image"].shape[1:]) for s in check_batch] == [(96, 96), (96, 96)]
+    assert all((s["height"], s["width"]) == (96, 96) for s in check_batch)
+    assert all(len(s["instances"]) == 2 for s in check_batch)
 
 
 WRAPPER = f"""
