@@ -234,7 +234,12 @@ def nonfinite_terms(loss_dict: dict[str, torch.Tensor]) -> list[str]:
     if not loss_dict:
         return []
     names = list(loss_dict)
-    flags = torch.stack([~torch.isfinite(loss_dict[name].detach()).all() for name in names])
+    with torch.no_grad():  # one check of all terms (scalars): 3 operations instead of 4 a term
+        values = [loss_dict[name] for name in names]
+        if all(value.dim() == 0 for value in values):
+            flags = ~torch.isfinite(torch.stack(values))
+        else:
+            flags = torch.stack([~torch.isfinite(value).all() for value in values])
     flags = flags.to(torch.int32)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flags)  # on the losses' device: NCCL needs CUDA tensors

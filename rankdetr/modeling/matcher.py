@@ -78,10 +78,10 @@ class HungarianMatcher:
     def standard_cost(
         self, prob: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, gt_boxes: torch.Tensor
     ) -> torch.Tensor:
-        """Eq. 5. prob (Q, K) sigmoid scores, boxes (Q, 4) cxcywh, labels (T,), gt_boxes (T, 4)
-        cxcywh -> (Q, T)."""
+        """Eq. 5. prob (..., Q, K) sigmoid scores, boxes (..., Q, 4) cxcywh, labels (T,), gt_boxes
+        (T, 4) cxcywh -> (..., Q, T); leading dimensions (decoder layers) share the targets."""
         alpha, gamma = self.focal_alpha, self.focal_gamma
-        p = prob[:, labels]
+        p = prob[..., labels]
         positive_cost = alpha * (1 - p).pow(gamma) * -(p + 1e-8).log()
         negative_cost = (1 - alpha) * p.pow(gamma) * -(1 - p + 1e-8).log()
         class_cost = positive_cost - negative_cost
@@ -100,7 +100,7 @@ class HungarianMatcher:
             quality = pairwise_box_iou(pred_xyxy, gt_xyxy, LOSS_IOU_EPS)
         else:
             quality = (pairwise_generalized_box_iou(pred_xyxy, gt_xyxy, LOSS_IOU_EPS) + 1) / 2
-        return -(prob[:, labels] * quality.pow(self.high_order_power))
+        return -(prob[..., labels] * quality.pow(self.high_order_power))
 
     def cost_matrix(
         self,
@@ -109,8 +109,9 @@ class HungarianMatcher:
         labels: torch.Tensor,
         gt_boxes: torch.Tensor,
     ) -> torch.Tensor:
-        """The cost now in use. logits (Q, K), boxes (Q, 4) cxcywh, labels (T,), gt_boxes (T, 4)
-        cxcywh -> (Q, T), in float32 even under autocast (float64 inputs stay float64)."""
+        """The cost now in use. logits (..., Q, K), boxes (..., Q, 4) cxcywh, labels (T,), gt_boxes
+        (T, 4) cxcywh -> (..., Q, T), in float32 even under autocast (float64 inputs stay
+        float64)."""
         prob = lift_to_float32(logits).sigmoid()
         boxes = lift_to_float32(boxes)
         gt_boxes = gt_boxes.to(boxes.dtype)
@@ -118,7 +119,6 @@ class HungarianMatcher:
             return self.high_order_cost(prob, boxes, labels, gt_boxes)
         return self.standard_cost(prob, boxes, labels, gt_boxes)
 
-    @torch.no_grad()
     def __call__(
         self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, targets: list[dict]
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -131,31 +131,57 @@ class HungarianMatcher:
         Returns:
             B pairs (query_indices, target_indices), int64 on the CPU, each of length
             min(Q, T_b): query query_indices[i] is matched to target target_indices[i].
+        """
+        (matches,) = self.match_layers(pred_logits[None], pred_boxes[None], targets)
+        return matches
 
-        The costs of all images come from one (B * Q, sum T_b) matrix, as DETR's matcher computes
-        them, of which image b keeps its own (Q, T_b) block: every entry is computed from one
-        query and one target alone, so the blocks equal per-image matrices bit for bit, in a
-        few dozen operations per call instead of a few dozen per image.
+    @torch.no_grad()
+    def match_layers(
+        self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, targets: list[dict]
+    ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Every decoder layer's predictions matched to the same targets, each layer on its own.
+
+        Args:
+            pred_logits: (L, B, Q, K) classification logits of L layers.
+            pred_boxes: (L, B, Q, 4) normalised (cx, cy, w, h).
+            targets: B dicts, as :meth:`__call__`.
+
+        Returns:
+            L lists of what :meth:`__call__` returns for that layer.
+
+        The costs come from one (L, B * Q, sum T_b) tensor, of which layer l and image b keep
+        their own (Q, T_b) block: every entry is computed from one query and one target alone,
+        so the blocks hold the per-layer, per-image costs (DETR's matcher batches the images
+        the same way), in a few dozen operations per call instead of a few dozen per layer and
+        image: the criterion matches all decoder layers in one call.
         """
         sizes = [len(target["labels"]) for target in targets]
+        layers, batch, num_queries = pred_logits.shape[:3]
         empty = torch.empty(0, dtype=torch.int64)
         if sum(sizes) == 0:
-            return [(empty, empty) for _ in targets]
-        batch, num_queries = pred_logits.shape[:2]
+            return [[(empty, empty) for _ in targets] for _ in range(layers)]
         labels = torch.cat([target["labels"] for target in targets])
         gt_boxes = torch.cat([target["boxes"] for target in targets])
         cost = self.cost_matrix(
-            pred_logits.flatten(0, 1), pred_boxes.flatten(0, 1), labels, gt_boxes
+            pred_logits.flatten(1, 2), pred_boxes.flatten(1, 2), labels, gt_boxes
         )
         cost = torch.nan_to_num(cost, nan=_LARGE_COST, posinf=_LARGE_COST, neginf=-_LARGE_COST)
-        blocks = cost.view(batch, num_queries, -1).cpu().split(sizes, dim=-1)
-        matches = []
-        for image, (block, size) in enumerate(zip(blocks, sizes)):
-            if size == 0:
-                matches.append((empty, empty))
-                continue
-            rows, cols = linear_sum_assignment(block[image].numpy())
-            matches.append(
-                (torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(cols.astype(np.int64)))
-            )
-        return matches
+        blocks = cost.view(layers, batch, num_queries, -1).cpu().numpy()
+        bounds = np.cumsum([0, *sizes])
+        return [
+            [
+                _assign(blocks[layer, image, :, bounds[image] : bounds[image + 1]])
+                for image in range(batch)
+            ]
+            for layer in range(layers)
+        ]
+
+
+def _assign(cost: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, T) costs -> (query indices, target indices), int64 tensors, of the cheapest
+    one-to-one assignment (none for T = 0)."""
+    if cost.shape[1] == 0:
+        empty = torch.empty(0, dtype=torch.int64)
+        return empty, empty
+    rows, cols = linear_sum_assignment(cost)
+    return torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(cols.astype(np.int64))

@@ -1,5 +1,7 @@
 """Box conversions and IoU against plain-Python float64 formulas."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -20,6 +22,41 @@ def test_conversions_round_trip_and_match_the_definition():
     for b, converted in zip(boxes.tolist(), xyxy.tolist()):
         assert converted == torch.tensor(ref.xyxy(b), dtype=torch.float64).tolist()
     torch.testing.assert_close(box_ops.box_xyxy_to_cxcywh(xyxy), boxes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_conversions_are_torchvisions_arithmetic_bit_for_bit(dtype):
+    """Our conversions (one cat) compute what torchvision's box_convert (the release's) does,
+    in values and in gradients, to the last bit."""
+    from torchvision.ops import box_convert
+
+    g = torch.Generator().manual_seed(2)
+    boxes = random_boxes(50, g).reshape(5, 10, 4).to(dtype)
+    weights = torch.randn(5, 10, 4, generator=g).to(dtype)
+    pairs = [(box_ops.box_cxcywh_to_xyxy, "cxcywh", "xyxy"),
+             (box_ops.box_xyxy_to_cxcywh, "xyxy", "cxcywh")]  # fmt: skip
+    for ours, in_fmt, out_fmt in pairs:
+        results = []
+        theirs = partial(box_convert, in_fmt=in_fmt, out_fmt=out_fmt)
+        for convert in (ours, theirs):
+            leaf = boxes.clone().requires_grad_(True)
+            out = convert(leaf)
+            (out * weights).sum().backward()
+            results.append((out.detach(), leaf.grad))
+        assert torch.equal(results[0][0], results[1][0]), in_fmt
+        assert torch.equal(results[0][1], results[1][1]), in_fmt
+
+
+def test_pairwise_functions_broadcast_leading_dimensions():
+    """(L, N, 4) against (M, 4): each of the L slices equals its own 2-D call bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    a = box_ops.box_cxcywh_to_xyxy(random_boxes(18, g)).reshape(3, 6, 4).float()
+    b = box_ops.box_cxcywh_to_xyxy(random_boxes(5, g)).float()
+    for pairwise in (box_ops.pairwise_box_iou, box_ops.pairwise_generalized_box_iou):
+        stacked = pairwise(a, b, 1e-6)
+        assert stacked.shape == (3, 6, 5)
+        for layer in range(3):
+            assert torch.equal(stacked[layer], pairwise(a[layer], b, 1e-6))
 
 
 def test_pairwise_and_elementwise_iou_and_giou():

@@ -69,6 +69,40 @@ def test_losses_match_a_brute_force_computation(kind):
         assert losses[name].item() == pytest.approx(value, rel=1e-9), name
 
 
+@pytest.mark.parametrize("kind", ["focal", "gcl"])
+def test_each_decoder_layer_gets_the_losses_of_its_own_matching(kind):
+    """Three layers' outputs, one-to-one and one-to-many, go through the criterion in one pass
+    per group: each layer's terms equal the brute-force losses of that layer alone, under the
+    assignment the matcher gives that layer alone (so one layer's matches, boxes or sums never
+    reach another's)."""
+    layers = [problem(seed=seed) for seed in (3, 4, 5)]
+    o2m_layers = [problem(seed=seed, queries=8) for seed in (6, 7, 8)]
+    _, _, targets = problem()
+    matcher = HungarianMatcher()
+    criterion = SetCriterion(
+        num_classes=3, matcher=matcher, classification_loss=kind, weight_one2many=0.5
+    )
+    losses = criterion(
+        {"logits": [c[0] for c in layers], "boxes": [c[1] for c in layers]},
+        targets,
+        {"logits": [c[0] for c in o2m_layers], "boxes": [c[1] for c in o2m_layers]},
+        one2many_repeats=2,
+    )
+    repeated = repeat_targets(targets, 2)
+    for prefix, group, group_targets, scale in [
+        ("", layers, targets, 1.0),
+        # brute_force_losses normalises by the k-fold targets' boxes, as the criterion does.
+        ("o2m_", o2m_layers, repeated, 0.5),  # lambda
+    ]:
+        for layer, (logits, boxes, _) in enumerate(group):
+            suffix = "" if layer == 2 else f"_{layer}"
+            matches = matcher(logits, boxes, group_targets)
+            expected = brute_force_losses(logits, boxes, group_targets, matches, kind)
+            for name, value in expected.items():
+                got = losses[f"{prefix}{name}{suffix}"].item()
+                assert got == pytest.approx(value * scale, rel=1e-9), (prefix, name, layer)
+
+
 def test_all_outputs_get_their_losses_and_one2many_uses_repeated_targets():
     logits, boxes, targets = problem()
     criterion = SetCriterion(num_classes=3, matcher=HungarianMatcher(), weight_one2many=0.5)

@@ -198,3 +198,34 @@ def test_a_batch_is_matched_image_by_image(high_order, dtype):
             lambda q, t, alone=alone: float(alone[q, t]), 7, len(targets[image]["labels"])
         )
         assert total == pytest.approx(best, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("high_order", [False, True], ids=["standard", "high_order"])
+def test_decoder_layers_are_matched_each_on_its_own(high_order, dtype):
+    """match_layers: three layers' predictions of the same two images (one without targets) in
+    one call. Each layer's costs equal that layer's own cost matrix bit for bit, and each
+    (layer, image) gets the optimal assignment of its own costs (brute force): the layers'
+    costs never mix, as they would if the layers were taken as more images of one batch."""
+    layers = [[random_case(20 + 3 * layer + image, 6, 3)[:2] for image in range(2)]
+              for layer in range(3)]  # fmt: skip
+    logits = torch.stack([torch.cat([c[0] for c in layer]) for layer in layers]).to(dtype)
+    boxes = torch.stack([torch.cat([c[1] for c in layer]) for layer in layers]).to(dtype)
+    _, _, target = random_case(40, 6, 3)
+    empty = {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4, dtype=dtype)}
+    targets = [{"labels": target["labels"], "boxes": target["boxes"].to(dtype)}, empty]
+    matcher = HungarianMatcher(high_order_start=0.5)
+    matcher.set_training_progress(0.75 if high_order else 0.25)
+    matches = matcher.match_layers(logits, boxes, targets)
+    assert len(matches) == 3 and all(len(per_layer) == 2 for per_layer in matches)
+    together = matcher.cost_matrix(logits.flatten(1, 2), boxes.flatten(1, 2), *target.values())
+    for layer in range(3):
+        assert all(len(indices) == 0 for indices in matches[layer][1])
+        alone = matcher.cost_matrix(logits[layer, 0], boxes[layer, 0], *targets[0].values())
+        assert torch.equal(together[layer, :6], alone)
+        rows, cols = matches[layer][0]
+        total = sum(float(alone[q, t]) for q, t in zip(rows.tolist(), cols.tolist()))
+        best = brute_force_min_cost(lambda q, t, alone=alone: float(alone[q, t]), 6, 3)
+        assert total == pytest.approx(best, rel=1e-12, abs=1e-12)
+        single = matcher(logits[layer], boxes[layer], targets)[0]
+        assert all(torch.equal(a, b) for a, b in zip(single, matches[layer][0]))

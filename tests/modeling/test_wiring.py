@@ -164,13 +164,13 @@ def test_one2many_repeats_reach_the_criterion(monkeypatch):
     targets (and to 1 copy for the one-to-one outputs)."""
     model = build("one2many_repeats=2")
     calls = []
-    original = HungarianMatcher.__call__
+    original = HungarianMatcher.match_layers
 
-    def spy(self, logits, boxes, targets):
-        calls.append((logits.shape[1], [len(t["labels"]) for t in targets]))
+    def spy(self, logits, boxes, targets):  # (L, N, Q, K): the layers of one group at once
+        calls.append((logits.shape[2], [len(t["labels"]) for t in targets]))
         return original(self, logits, boxes, targets)
 
-    monkeypatch.setattr(HungarianMatcher, "__call__", spy)
+    monkeypatch.setattr(HungarianMatcher, "match_layers", spy)
     model.train()
     model(batch())
     by_queries = {}
