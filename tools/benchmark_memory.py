@@ -8,7 +8,8 @@ against the plain run.
 
     .venv/bin/python tools/benchmark_memory.py                     # 800x1333, both variants
     .venv/bin/python tools/benchmark_memory.py --image-size 480 640
-    .venv/bin/python tools/benchmark_memory.py --config-file configs/rank_detr/rank_detr_swin_t_12ep.py
+    .venv/bin/python tools/benchmark_memory.py \
+        --config-file configs/rank_detr/rank_detr_swin_t_12ep.py
 """
 
 from __future__ import annotations
