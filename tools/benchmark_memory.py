@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--child", choices=["plain", "checkpointing"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not Path(args.config_file).is_file():
+        parser.error(f"--config-file {args.config_file}: no such file")
     height, width = args.image_size
     if args.child:
         result = one_step(
