@@ -28,6 +28,7 @@ and bfloat16 too, accumulating in float32).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,7 @@ def ms_deform_attn_reference(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
     level_shapes: list[tuple[int, int]] | None = None,
+    sample_level: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Pure-PyTorch multi-scale deformable attention built on ``F.grid_sample``.
 
@@ -62,33 +64,41 @@ def ms_deform_attn_reference(
     feature maps' shapes, replaces that host read when given: the levels then start at the
     running sum of h * w. The ONNX export passes them so that the traced graph computes the
     slices from the input size instead of baking in the sizes it was traced at.
+
+    ``sample_level(value (N*H, D, h, w), grid (N*H, Lq, P, 2)) -> (N*H, D, Lq, P)`` replaces
+    :func:`bilinear_samples` (the ONNX export passes the same sampling as one opaque op).
     """
+    sample_level = sample_level or bilinear_samples
     n, _, heads, d = value.shape
     _, lq, _, levels, points, _ = sampling_locations.shape
     if level_shapes is None:
         shapes, starts = spatial_shapes.tolist(), level_start_index.tolist()
     else:
         shapes, starts = level_shapes, _running_starts(level_shapes)
-    # grid_sample's grid spans [-1, 1] across the outer pixel edges (align_corners=False).
-    grids = 2 * sampling_locations - 1
+    # Both rearranged once, so that each level below is a view: (N, Lk, H, D) -> (N*H, D, Lk),
+    # and the grid, which spans [-1, 1] across the outer pixel edges (align_corners=False),
+    # (N, Lq, H, L, P, 2) -> (L, N*H, Lq, P, 2). Per-level rearranging did the same copies in
+    # pieces, and each piece cost the ONNX export's symbolic shapes a few thousand operations.
+    values = value.permute(0, 2, 3, 1).reshape(n * heads, d, -1)
+    grids = (2 * sampling_locations - 1).permute(3, 0, 2, 1, 4, 5).flatten(1, 2)
     # (N, Lq, H, L, P) -> (N*H, 1, Lq, L, P), to weight each level's (N*H, D, Lq, P) samples.
     weights = attention_weights.transpose(1, 2).reshape(n * heads, 1, lq, levels, points)
     out = None
     for level, ((h, w), start) in enumerate(zip(shapes, starts)):
-        # (N, h*w, H, D) -> (N*H, D, h, w): grid_sample wants channels first, one map per head.
-        level_value = value[:, start : start + h * w].flatten(2).transpose(1, 2)
-        level_value = level_value.reshape(n * heads, d, h, w)
-        # (N, Lq, H, P, 2) -> (N*H, Lq, P, 2)
-        level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        samples = F.grid_sample(
-            level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False
-        )  # (N*H, D, Lq, P)
+        level_value = values[:, :, start : start + h * w].unflatten(-1, (h, w))  # (N*H, D, h, w)
+        samples = sample_level(level_value, grids[level])  # (N*H, D, Lq, P)
         # Summed level by level rather than over a stack of all levels' samples: the stack
         # would hold L times the largest intermediate and cost a copy of it (in ONNX Runtime,
         # ~30 % of the R50 encoder's attention time at 800x1333).
         level_sum = (samples * weights[..., level, :]).sum(-1)  # (N*H, D, Lq)
         out = level_sum if out is None else out + level_sum
     return out.view(n, heads * d, lq).transpose(1, 2).contiguous()
+
+
+def bilinear_samples(value: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """(N, D, h, w), (N, Lq, P, 2) in [-1, 1] -> (N, D, Lq, P): bilinear samples, zero
+    outside the map, the grid spanning the outer pixel edges (``align_corners=False``)."""
+    return F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def _running_starts(level_shapes: list[tuple[int, int]]) -> list[int]:

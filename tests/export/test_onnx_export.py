@@ -86,8 +86,23 @@ def test_graph_has_only_standard_onnx_ops(demo_export):
 
     _, path = demo_export
     assert onnx_export.custom_domain_ops(path) == []
-    op_types = {node.op_type for node in onnx.load(str(path)).graph.node}
-    assert "GridSample" in op_types  # the deformable attention, one per level
+    op_types = [node.op_type for node in onnx.load(str(path)).graph.node]
+    # The deformable attention, one per level: 4 levels in 2 encoder and 3 decoder layers.
+    assert op_types.count("GridSample") == 4 * (2 + 3)
+
+
+def test_opaque_sampling_op_is_grid_sample_with_the_right_shapes():
+    """The export's one-op bilinear sampling (its shape known to the tracer without
+    grid_sample's decomposition) gives F.grid_sample's numbers, and its fake kernel the real
+    shapes (torch.library.opcheck, also under symbolic shapes)."""
+    g = torch.Generator().manual_seed(0)
+    value = torch.randn(6, 4, 5, 7, generator=g)
+    grid = torch.rand(6, 11, 3, 2, generator=g) * 2.4 - 1.2  # some points outside the map
+    expected = torch.nn.functional.grid_sample(
+        value, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    assert torch.equal(onnx_export.opaque_bilinear_samples(value, grid), expected)
+    torch.library.opcheck(onnx_export.opaque_bilinear_samples, (value, grid))
 
 
 def test_graph_is_folded_and_cleaned_up(demo_export):
