@@ -77,8 +77,8 @@ def ms_deform_attn_reference(
         shapes, starts = level_shapes, _running_starts(level_shapes)
     # Both rearranged once, so that each level below is a view: (N, Lk, H, D) -> (N*H, D, Lk),
     # and the grid, which spans [-1, 1] across the outer pixel edges (align_corners=False),
-    # (N, Lq, H, L, P, 2) -> (L, N*H, Lq, P, 2). Per-level rearranging did the same copies in
-    # pieces, and each piece cost the ONNX export's symbolic shapes a few thousand operations.
+    # (N, Lq, H, L, P, 2) -> (L, N*H, Lq, P, 2). Rearranged level by level, the same copies
+    # took L times the ops (in the exported ONNX graph too).
     values = value.permute(0, 2, 3, 1).reshape(n * heads, d, -1)
     grids = (2 * sampling_locations - 1).permute(3, 0, 2, 1, 4, 5).flatten(1, 2)
     # (N, Lq, H, L, P) -> (N*H, 1, Lq, L, P), to weight each level's (N*H, D, Lq, P) samples.
