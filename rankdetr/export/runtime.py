@@ -57,6 +57,9 @@ class OnnxDetector:
         self.metadata = read_metadata(self.path)
         self.session = onnx_session(self.path, threads)
         self.training = False
+        shape = self.session.get_inputs()[0].shape
+        # (N, 3, H, W) of a fixed-shape export (ints throughout), else None.
+        self.fixed_shape = tuple(shape) if all(isinstance(d, int) for d in shape) else None
 
     # --- the nn.Module surface that detectron2's inference_on_dataset touches ---------------
 
@@ -133,9 +136,16 @@ class OnnxDetector:
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The graph on (N, 3, H, W) float32 images -> boxes (N, D, 4) XYXY input pixels,
         scores (N, D), labels (N, D) int64. ONNX Runtime's refusal of the input (a wrong
-        channel count, an image too small for the queries) is an :class:`OnnxInputError`."""
+        channel count, an image too small for the queries) is an :class:`OnnxInputError`, as is
+        any other shape than a fixed-shape file's own."""
         from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
+        if self.fixed_shape is not None and tuple(images.shape) != self.fixed_shape:
+            raise OnnxInputError(
+                f"{self.path} was exported for one input shape, {self.fixed_shape} (N, 3, H, W), "
+                f"and got {tuple(images.shape)}: export without --input-shape for images of "
+                "any size, or resize them to that size"
+            )
         try:
             boxes, scores, labels = self.session.run(None, {"image": images})
         except (InvalidArgument, Fail) as error:

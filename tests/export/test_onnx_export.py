@@ -188,6 +188,35 @@ def test_missing_package_is_named(monkeypatch):
         onnx_export.require_onnx_packages()
 
 
+def test_a_wrong_input_shape_is_refused_before_exporting(tmp_path):
+    _, model = build(DEMO)
+    for shape in [(2, 320), (0, 320, 320), (1, 32, 320)]:
+        with pytest.raises(ValueError, match="input_shape"):
+            onnx_export.export_onnx(model, tmp_path / "unused.onnx", input_shape=shape)
+    assert not (tmp_path / "unused.onnx").exists()
+
+
+def test_the_tool_asks_for_a_fixed_shape_only_with_input_shape(monkeypatch, tmp_path):
+    """--input-shape N H W reaches export_onnx as input_shape (the fixed-shape export itself:
+    test_onnx_release_tiny.py); without it the export stays dynamic."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import export_onnx as tool
+    finally:
+        sys.path.pop(0)
+    asked = []
+
+    def record(model, path, **kwargs):
+        asked.append(kwargs["input_shape"])
+        return onnx_export.ExportResult(Path(path), 0.0, 0, 0)
+
+    monkeypatch.setattr(onnx_export, "export_onnx", record)
+    common = ["--config-file", str(DEMO), "--output", str(tmp_path / "demo.onnx")]
+    for extra in (["--input-shape", "1", "96", "128"], []):
+        assert tool.main(tool.parse_args([*common, *extra, *OVERRIDES])) == 0
+    assert asked == [[1, 96, 128], None]
+
+
 def test_tool_help_runs_without_exporting():
     result = run_python([sys.executable, str(ROOT / "tools" / "export_onnx.py"), "--help"],
                             capture_output=True, text=True, check=True)  # fmt: skip

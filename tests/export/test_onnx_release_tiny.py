@@ -3,10 +3,16 @@
 `../shared/reference/release-tiny/` holds a state dict of the original Rank-DETR release (RCH,
 QRL, GCL and HMC on; the parameters the release initialises to zero hold random values, as after
 training) and the release's own float64 detections on two 128x160 images. The state dict goes
-through our converter into our model, strictly; the exported file then
-- passes `--check` beside PyTorch at the three check sizes, and
+through our converter into our model, strictly, and is exported with a fixed input shape, the
+fixture's batch of two 128x160 images (`input_shape`): the file then
+- passes `--check` beside PyTorch at that shape,
 - gives the release's own detections on the fixture's images in ONNX Runtime (float32 against
-  the release's float64: the check's tolerances, labels compared where the scores are separated).
+  the release's float64: the check's tolerances, labels compared where the scores are separated),
+- and refuses any other shape with an error that names its own.
+
+Why a fixed shape here: this file's point is the release's weights; dynamic sizes and batches
+run the same RankDETR code paths in the demo export (test_onnx_export.py), and a fixed-shape
+export traces no symbolic sizes (about half the time of a dynamic one).
 """
 
 import numpy as np
@@ -18,6 +24,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from rankdetr.checkpoint import convert_release_state_dict  # noqa: E402
+from rankdetr.export import OnnxDetector, OnnxInputError  # noqa: E402
 from rankdetr.export import onnx as onnx_export  # noqa: E402
 from tests.checkpoint.test_release_fixture import build_model  # noqa: E402
 from tests.shared_reference import load_shared_reference  # noqa: E402
@@ -36,19 +43,35 @@ def exported(fixture, tmp_path_factory):
     model.eval()
     assert model.rank.flags == "RCH+QRL+GCL+HMC"
     path = tmp_path_factory.mktemp("onnx-release-tiny") / "release_tiny.onnx"
-    onnx_export.export_onnx(model, path)
+    onnx_export.export_onnx(model, path, input_shape=INPUT_SHAPE)
     return model, path
 
 
-@pytest.mark.slow(seconds=45)
+# (N, H, W) of the fixture's inputs: two 128x160 images.
+INPUT_SHAPE = (2, 128, 160)
+
+
+@pytest.mark.slow(seconds=25)
 def test_release_weights_export_and_pass_the_check(exported):
     model, path = exported
     assert onnx_export.custom_domain_ops(path) == []
-    rows = onnx_export.check_onnx(model, path, threads=2)
-    assert [row["size"] for row in rows] == ["320x320", "288x416", "512x384"]
-    for row in rows:
-        assert row["ok"], row
-        assert row["compared"] > 0
+    assert onnx_export.fixed_input_shape(path) == (2, 3, 128, 160)
+    assert onnx_export.read_metadata(path)["input_shape"] == "[2, 3, 128, 160]"
+    (row,) = onnx_export.check_onnx(model, path, threads=2)  # at the file's own shape
+    assert (row["size"], row["batch"]) == ("128x160", 2)
+    assert row["ok"], row
+    assert row["compared"] > 0
+
+
+def test_a_fixed_shape_file_refuses_another_shape_naming_its_own(exported):
+    model, path = exported
+    detector = OnnxDetector(path, threads=1)
+    assert detector.fixed_shape == (2, 3, 128, 160)
+    one_image = {"image": torch.zeros(3, 128, 160, dtype=torch.uint8)}
+    with pytest.raises(OnnxInputError, match=r"one input shape, \(2, 3, 128, 160\).*\(1, 3, 128"):
+        detector([one_image])
+    with pytest.raises(ValueError, match=r"takes only \(N, H, W\) = \(2, 128, 160\)"):
+        onnx_export.check_onnx(model, path, sizes=[(320, 320)], batch_sizes=[2])
 
 
 def test_onnx_runtime_gives_the_release_detections(fixture, exported):
