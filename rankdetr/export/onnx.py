@@ -77,6 +77,7 @@ from rankdetr.modeling.detector_base import level_start_index
 __all__ = [
     "ExportableDetector",
     "ExportResult",
+    "InputShapeError",
     "OnnxDependencyError",
     "check_onnx",
     "custom_domain_ops",
@@ -98,6 +99,10 @@ CHECK_SIZES = ((320, 320), (288, 416), (512, 384))
 TOLERANCES = {"scores": 1e-4, "boxes": 0.01}
 DEFAULT_OPSET = 18
 METADATA_PREFIX = "rankdetr."
+
+
+class InputShapeError(UserError, ValueError):
+    """A fixed input shape that the export or the check cannot take; the message names it."""
 
 
 class OnnxDependencyError(UserError, ImportError):
@@ -341,10 +346,12 @@ def _sample_shape(sample_size, input_shape) -> tuple[int, int, int, int]:
     if input_shape is None:
         return (2, 3, *sample_size)
     if len(input_shape) != 3:
-        raise ValueError(f"input_shape {tuple(input_shape)}: give (N, H, W)")
+        raise InputShapeError(f"input_shape {tuple(input_shape)}: give (N, H, W)")
     n, h, w = (int(v) for v in input_shape)
     if n < 1 or h < 64 or w < 64:
-        raise ValueError(f"input_shape {(n, h, w)}: N >= 1, H and W >= 64 (the stride-64 level)")
+        raise InputShapeError(
+            f"input_shape {(n, h, w)}: N >= 1, H and W >= 64 (the stride-64 level)"
+        )
     return (n, 3, h, w)
 
 
@@ -391,7 +398,7 @@ def export_onnx(
         raise ValueError(f"opset {opset}: GridSample (the deformable attention) needs >= 16")
     path = Path(path)
     wrapper = ExportableDetector(model)
-    shape = _sample_shape(sample_size, input_shape)
+    shape = _sample_shape(sample_size, input_shape)  # InputShapeError before any tracing
     sample = torch.rand(*shape, generator=torch.Generator().manual_seed(0)) * 255
     start = time.perf_counter()
     with torch.no_grad():
@@ -799,6 +806,6 @@ def _check_shapes(path, sizes, batch_sizes) -> tuple[list, list]:
     batch_sizes = list(batch_sizes or [n] * len(sizes))
     wrong = [(b, *s) for s, b in zip(sizes, batch_sizes) if (b, *s) != (n, h, w)]
     if wrong:
-        raise ValueError(f"{path} takes only (N, H, W) = {(n, h, w)} (a fixed-shape export); "
+        raise InputShapeError(f"{path} takes only (N, H, W) = {(n, h, w)} (a fixed-shape export); "
                          f"asked to check {wrong}")  # fmt: skip
     return sizes, batch_sizes

@@ -20,6 +20,7 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from rankdetr.errors import is_user_error  # noqa: E402
 from rankdetr.export import onnx as onnx_export  # noqa: E402
 from rankdetr.layers.ms_deform_attn_op import ms_deform_attn_reference  # noqa: E402
 from rankdetr.modeling.encoder import encoder_reference_points  # noqa: E402
@@ -191,8 +192,9 @@ def test_missing_package_is_named(monkeypatch):
 def test_a_wrong_input_shape_is_refused_before_exporting(tmp_path):
     _, model = build(DEMO)
     for shape in [(2, 320), (0, 320, 320), (1, 32, 320)]:
-        with pytest.raises(ValueError, match="input_shape"):
+        with pytest.raises(onnx_export.InputShapeError, match="input_shape") as refused:
             onnx_export.export_onnx(model, tmp_path / "unused.onnx", input_shape=shape)
+        assert is_user_error(refused.value)  # the tool prints it as one line
     assert not (tmp_path / "unused.onnx").exists()
 
 

@@ -70,7 +70,9 @@ def test_a_fixed_shape_file_refuses_another_shape_naming_its_own(exported):
     one_image = {"image": torch.zeros(3, 128, 160, dtype=torch.uint8)}
     with pytest.raises(OnnxInputError, match=r"one input shape, \(2, 3, 128, 160\).*\(1, 3, 128"):
         detector([one_image])
-    with pytest.raises(ValueError, match=r"takes only \(N, H, W\) = \(2, 128, 160\)"):
+    with pytest.raises(
+        onnx_export.InputShapeError, match=r"takes only \(N, H, W\) = \(2, 128, 160\)"
+    ):
         onnx_export.check_onnx(model, path, sizes=[(320, 320)], batch_sizes=[2])
 
 
