@@ -797,7 +797,7 @@ def check_onnx(
 
 def _check_shapes(path, sizes, batch_sizes) -> tuple[list, list]:
     """(sizes, batch sizes) for :func:`check_onnx`: the defaults, or a fixed-shape file's own
-    shape; a fixed-shape file asked about another shape is a ValueError naming both."""
+    shape; a fixed-shape file asked about another shape is an InputShapeError naming both."""
     fixed = fixed_input_shape(path)
     if fixed is None:
         return list(sizes or CHECK_SIZES), list(batch_sizes or (1, 1, 2))
@@ -806,6 +806,8 @@ def _check_shapes(path, sizes, batch_sizes) -> tuple[list, list]:
     batch_sizes = list(batch_sizes or [n] * len(sizes))
     wrong = [(b, *s) for s, b in zip(sizes, batch_sizes) if (b, *s) != (n, h, w)]
     if wrong:
-        raise InputShapeError(f"{path} takes only (N, H, W) = {(n, h, w)} (a fixed-shape export); "
-                         f"asked to check {wrong}")  # fmt: skip
+        raise InputShapeError(
+            f"{path} takes only (N, H, W) = {(n, h, w)} (a fixed-shape export); "
+            f"asked to check {wrong}"
+        )
     return sizes, batch_sizes

@@ -24,7 +24,12 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.registry import locate
 
 from rankdetr.errors import UserError
-from rankdetr.export.onnx import onnx_session, read_metadata, require_onnx_packages
+from rankdetr.export.onnx import (
+    fixed_input_shape,
+    onnx_session,
+    read_metadata,
+    require_onnx_packages,
+)
 
 __all__ = ["OnnxDetector", "OnnxInputError", "OnnxMetadataError"]
 
@@ -57,9 +62,7 @@ class OnnxDetector:
         self.metadata = read_metadata(self.path)
         self.session = onnx_session(self.path, threads)
         self.training = False
-        shape = self.session.get_inputs()[0].shape
-        # (N, 3, H, W) of a fixed-shape export (ints throughout), else None.
-        self.fixed_shape = tuple(shape) if all(isinstance(d, int) for d in shape) else None
+        self.fixed_shape = fixed_input_shape(self.path)  # (N, 3, H, W), None where dynamic
 
     # --- the nn.Module surface that detectron2's inference_on_dataset touches ---------------
 
