@@ -192,7 +192,11 @@ class RankDETR(DeformableDetector):
         memory = self.encoder(src, pos, spatial_shapes, level_start_index, valid_ratios, mask)
         total = self.num_queries + num_one2many
         proposals = self.proposals(memory, mask, spatial_shapes, total)
+        # Contiguous, not a stride-0 expansion: the first decoder layer then gets inputs laid out
+        # as the later layers' are, so `train.compile` compiles the decoder layer once, not
+        # twice (test_compile.py; ~11 of ~31 s of compiling the demo's layers).
         content = self.query_embedding.weight[:total][None].expand(images.shape[0], -1, -1)
+        content = content.contiguous()
         group_sizes = [self.num_queries] + ([num_one2many] if num_one2many else [])
         outputs = self.decoder(
             content,

@@ -130,7 +130,8 @@ class TwoStageProposals(nn.Module):
             "enc_logits": enc_logits,
             "enc_boxes": enc_box_logits.sigmoid(),
             "reference_boxes": reference_boxes,
-            "query_pos": positions[..., : self.embed_dim],
+            # a copy, not a view (see RankDETR.predict: one compiled decoder layer for all)
+            "query_pos": positions[..., : self.embed_dim].contiguous(),
         }
 
 
