@@ -279,7 +279,8 @@ class DINO(DeformableDetector):
         )
         memory = self.encoder(src, pos, spatial_shapes, level_start_index, valid_ratios, mask)
         proposals = self.proposals(memory, mask, spatial_shapes, self.num_queries)
-        content = self.query_embedding.weight[None].expand(images.shape[0], -1, -1)
+        # a contiguous copy, as in RankDETR.predict: one compiled decoder layer for all layers
+        content = self.query_embedding.weight[None].expand(images.shape[0], -1, -1).contiguous()
         boxes = proposals["reference_boxes"]
         num_denoising, attn_mask = 0, None
         if denoising is not None:
