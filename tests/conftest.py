@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -15,9 +16,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_tool(path: Path, name: str) -> ModuleType:
-    """A script of tools/ imported as a module (tools/ is not a package)."""
+    """A script of tools/ imported as a module (tools/ is not a package), registered in
+    sys.modules under `name` as an import would be (dataclasses look their module up there)."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 

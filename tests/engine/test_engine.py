@@ -19,6 +19,7 @@ from rankdetr.engine.runner import (
     resolve_device,
 )
 from rankdetr.engine.trainer import RankDETRTrainer
+from tests.conftest import REPO_ROOT, load_tool
 
 DEMO = str(Path(__file__).resolve().parents[2] / "configs" / "demo" / "rank_detr_r18_shapes.py")
 
@@ -159,6 +160,9 @@ def test_short_demo_run_trains_evaluates_and_resumes(tmp_path):
     model.eval()
     results = do_test(cfg, model)
     assert "AP" in results["bbox"]
+    # tools/benchmark_cpu_goals.py reads the demo's AP from metrics.json: the final weights' AP.
+    goals = load_tool(REPO_ROOT / "tools" / "benchmark_cpu_goals.py", "benchmark_cpu_goals")
+    assert goals.final_ap(out) == results["bbox"]["AP"]
 
 
 def test_no_evaluator_trains_without_any_inference(tmp_path, monkeypatch):

@@ -416,3 +416,9 @@ def test_benchmark_tool_prints_the_table_and_finds_the_numbers_identical():
             if line.startswith("| ")}  # fmt: skip
     assert {"evaluate", "accumulate", "summarize", "AR + oLRP", "total"} <= rows.keys()
     assert "CPU: " in result.stdout and "identical (all <= 1e-12): yes" in result.stdout
+    # tools/benchmark_cpu_goals.py reads this output: the total's speed-up and "identical".
+    goals = load_tool(REPO_ROOT / "tools" / "benchmark_cpu_goals.py", "benchmark_cpu_goals")
+    outcome = goals.GOALS[0].read(result.stdout, 0.0, REPO_ROOT)
+    speedup = rows["total"].split("|")[4].strip()
+    assert outcome.measured.startswith(f"{speedup} (") and "identical: yes" in outcome.measured
+    assert outcome.met == (goals.ratio(speedup) >= 3.0)

@@ -92,6 +92,11 @@ def test_a_tiny_run_prints_its_table_and_imports_nothing_of_the_release(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| rankdetr " in result.stdout
     assert "imported detrex: False" in result.stdout
+    # tools/benchmark_cpu_goals.py reads this table by its headers (its bf16 goal divides the
+    # bf16 row's step by this row's).
+    goals = load_tool(REPO_ROOT / "tools" / "benchmark_cpu_goals.py", "benchmark_cpu_goals")
+    (row,) = goals.github_table(result.stdout, "variant")
+    assert row["variant"] == "rankdetr" and goals.median_seconds(row["train step (s)"]) > 0
 
 
 RELEASE = os.environ.get("RANKDETR_RELEASE_PATH")
