@@ -318,7 +318,7 @@ def run_logged(command: list[str], log: Path, label: str) -> tuple[str, float, i
         while reader.is_alive():
             reader.join(heartbeat)
             if reader.is_alive():
-                last = lines[-1].strip()[:100] if lines else ""
+                last = next((x.strip()[:100] for x in reversed(lines) if x.strip()), "")
                 print(f"  {label}: {time.perf_counter() - start:.0f} s | {last}", flush=True)
         status = process.wait()
     return "".join(lines), time.perf_counter() - start, status
