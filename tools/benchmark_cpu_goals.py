@@ -5,8 +5,9 @@ Each goal runs as the command a person would type, in its own process, one after
 (they would disturb each other's timings), with its output in a log file per goal. Every 30 s
 the tool prints how long the running command has taken and its last line. At the end it prints
 the machine (CPU model, family and model, native bf16, torch's CPU capability, what
-``train.amp.dtype="auto"`` picks) and a table: goal, measured, target, met. Markdown, so that
-it goes into the README or an issue note as it is (``--output``).
+``train.amp.dtype="auto"`` picks), the VM's speed before and after (a float32 matmul's GFLOP/s:
+a shared VM drifts by up to ~1.5x within an hour) and a table: goal, measured, target, met.
+Markdown, so that it goes into the README or an issue note as it is (``--output``).
 
 | goal | command | target |
 |---|---|---|
@@ -265,6 +266,33 @@ def _native_bf16() -> bool:
     return bool(cpu_bf16_features())
 
 
+def matmul_gflops(threads: int = 2, rounds: int = 5, seconds: float = 0.2) -> float:
+    """This VM's speed now: the median GFLOP/s of a (3000, 128) x (128, 512) float32 matmul on
+    `threads` threads over `rounds` rounds of ~`seconds` each. A shared VM's speed drifts by up
+    to ~1.5x within an hour; the probe before and after the goals says at which speed they ran."""
+    import statistics
+
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(3000, 128), torch.randn(128, 512)
+        flop = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        for _ in range(5):
+            a @ b
+        rates = []
+        for _ in range(rounds):
+            count, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < seconds:
+                a @ b
+                count += 1
+            rates.append(flop * count / elapsed / 1e9)
+        return statistics.median(rates)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def machine_line() -> str:
     """CPU model, family / model, cores, native bf16, torch's CPU capability, `auto`'s choice."""
     import torch
@@ -396,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = args.log_dir or ROOT / "output" / "cpu_goals" / stamp
     log_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_line()
+    probe_before = matmul_gflops(args.threads)
     print(f"machine: {machine}\nlogs: {log_dir}", flush=True)
+    print(f"speed probe (float32 matmul, {args.threads} threads): {probe_before:.0f} GFLOP/s")
     results = []
     for goal, skipped in selected_goals(args):
         if skipped:
@@ -414,7 +444,10 @@ def main(argv: list[str] | None = None) -> int:
             outcome = Outcome(outcome.measured, None, "smaller than the goal's run")
         print(f"[{goal.name}] {outcome.measured}", flush=True)
         results.append((goal, outcome, ""))
-    report = f"Machine: {machine}\n\n{result_table(results)}\n"
+    probe_after = matmul_gflops(args.threads)
+    probe = (f"Speed probe (a (3000, 128) x (128, 512) float32 matmul on {args.threads} threads): "
+             f"{probe_before:.0f} GFLOP/s before the goals, {probe_after:.0f} after")  # fmt: skip
+    report = f"Machine: {machine}\n\n{probe}\n\n{result_table(results)}\n"
     print("\n" + report)
     if args.output:
         args.output.write_text(report)

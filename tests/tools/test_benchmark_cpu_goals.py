@@ -90,6 +90,8 @@ def run_suite_goal(tmp_path, monkeypatch, command):
     monkeypatch.setattr(suite, "command", lambda args, workdir: command)
     monkeypatch.setattr(goals, "HEARTBEAT_SECONDS", 0.2)
     monkeypatch.setattr(goals, "machine_line", lambda: "a test machine")
+    probes = iter([101.0, 87.0])
+    monkeypatch.setattr(goals, "matmul_gflops", lambda threads: next(probes))
     report = tmp_path / "goals.md"
     argv = ["--goals", "suite", "--log-dir", str(tmp_path / "logs"), "--output", str(report)]
     status = goals.main(argv)
@@ -105,6 +107,7 @@ def test_a_run_logs_beats_and_tabulates(tmp_path, monkeypatch, capsys):
     assert re.search(r"\n  suite: \d+ s \| ", capsys.readouterr().out)  # the heartbeat
     assert "test_session.py" in (tmp_path / "logs" / "suite.log").read_text()
     assert report.startswith("Machine: a test machine")
+    assert "on 2 threads): 101 GFLOP/s before the goals, 87 after" in report
     assert len([line for line in report.splitlines() if "| not run: not in --goals |" in line]) == 4
     assert "pytest 0 min" in row and "(2 passed, 1 skipped)" in row
     assert "| pytest <= 6 min (make test) | yes |" in row
@@ -117,3 +120,24 @@ def test_a_failed_command_is_a_missed_goal(tmp_path, monkeypatch):
     assert "exit status 3" in row and row.endswith("| **no** |")
     assert status == 1
     assert (tmp_path / "logs" / "suite.log").read_text() == "broken\n"
+
+
+def test_the_speed_probe_measures_at_the_threads_asked_and_restores_them():
+    import torch
+
+    threads = torch.get_num_threads()
+    seen = []
+    original = torch.set_num_threads
+
+    def record(n):
+        seen.append(n)
+        original(n)
+
+    try:
+        torch.set_num_threads = record
+        rate = goals.matmul_gflops(threads=1, rounds=2, seconds=0.05)
+    finally:
+        torch.set_num_threads = original
+    assert seen == [1, threads]
+    # Between a slow scalar loop (~1 GFLOP/s) and more than any 2-core CPU computes.
+    assert 1 < rate < 2000
