@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import re
 import subprocess
@@ -113,15 +112,15 @@ def training_speed(text: str) -> tuple[int, float] | None:
 
 
 def final_ap(output_dir: Path) -> float | None:
-    """The last bbox AP written to output_dir/metrics.json (as tools/ablation_sweep.py reads it)."""
-    metrics = output_dir / "metrics.json"
-    if not metrics.is_file():
-        return None
-    ap = None
-    for line in metrics.read_text().splitlines():
-        record = json.loads(line)
-        ap = record.get("bbox/AP", ap)
-    return ap
+    """The last bbox AP written to output_dir/metrics.json, read as tools/ablation_sweep.py
+    reads a finished run's results."""
+    sys.path.insert(0, str(TOOLS))
+    try:
+        from ablation_sweep import final_metrics
+    finally:
+        sys.path.remove(str(TOOLS))
+    metrics = final_metrics(output_dir)
+    return None if metrics is None else metrics["AP"]
 
 
 # --- the goals -----------------------------------------------------------------------------
