@@ -138,6 +138,8 @@ class Outcome:
 
 @dataclass
 class Goal:
+    """One row of the table: the command that measures it and how its output is read."""
+
     name: str
     target: str
     command: Callable[[argparse.Namespace, Path], list[str]]
@@ -238,7 +240,9 @@ def _read_suite(text, seconds, workdir):
 
 
 def _minutes(seconds: float) -> str:
-    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+    """119.6 -> "2 min 0 s" (rounded to the second first)."""
+    whole = round(seconds)
+    return f"{whole // 60} min {whole % 60} s"
 
 
 GOALS = [

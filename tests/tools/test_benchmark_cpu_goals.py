@@ -141,3 +141,7 @@ def test_the_speed_probe_measures_at_the_threads_asked_and_restores_them():
     assert seen == [1, threads]
     # Between a slow scalar loop (~1 GFLOP/s) and more than any 2-core CPU computes.
     assert 1 < rate < 2000
+
+
+def test_durations_round_to_the_second_before_splitting_minutes():
+    assert goals._minutes(119.6) == "2 min 0 s" and goals._minutes(484.4) == "8 min 4 s"
